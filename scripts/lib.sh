@@ -1,0 +1,86 @@
+# Shared by scripts/demo.sh, scripts/test.sh and .ci/run: makes sure the
+# servers and tools the project needs are installed. Sourced, not run.
+
+# Debian packages: the servers the demo and tests start privately, and protoc
+# for etcd-client's build script.
+RESONANCE_PACKAGES=(nats-server etcd-server redis-server protobuf-compiler)
+
+resonance_missing_packages() {
+  local missing=()
+  command -v nats-server >/dev/null || missing+=(nats-server)
+  command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  echo "${missing[@]}"
+}
+
+resonance_apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: $*" >&2
+    echo "install them with: sudo apt-get update && sudo apt-get install -y $*" >&2
+    return 1
+  fi
+  echo "installing: $*" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+resonance_ensure_tools() {
+  local missing
+  missing=$(resonance_missing_packages)
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086
+    resonance_apt_install $missing
+  fi
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust from your distribution or rustup" >&2
+    return 1
+  fi
+}
+
+resonance_port_open() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+resonance_wait_port() {
+  local port=$1 tries=${2:-100}
+  while ! resonance_port_open "$port"; do
+    tries=$((tries - 1))
+    [ "$tries" -gt 0 ] || return 1
+    sleep 0.1
+  done
+}
+
+# The test suite also uses the machine's MariaDB (127.0.0.1:3306, root, no
+# password, database test) and PostgreSQL (127.0.0.1:5432, trust, database
+# test). Start them if installed but stopped; install them if missing.
+resonance_ensure_databases() {
+  if ! resonance_port_open 3306; then
+    if ! command -v mariadbd >/dev/null && ! command -v mysqld >/dev/null; then
+      resonance_apt_install mariadb-server mariadb-client || return 1
+    fi
+    local daemon
+    daemon=$(command -v mariadbd || command -v mysqld)
+    mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld 2>/dev/null || true
+    start-stop-daemon --start --oknodo --background --exec "$daemon" >&2 || "$daemon" --user=mysql >/dev/null 2>&1 &
+    resonance_wait_port 3306 300 || { echo "MariaDB did not start on 3306" >&2; return 1; }
+  fi
+  mysql -h127.0.0.1 -uroot -e 'CREATE DATABASE IF NOT EXISTS test' >/dev/null 2>&1 \
+    || mysql -uroot -e "CREATE DATABASE IF NOT EXISTS test; ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD(''); FLUSH PRIVILEGES;" >&2 \
+    || true
+  if ! resonance_port_open 5432; then
+    if ! command -v pg_ctlcluster >/dev/null; then
+      resonance_apt_install postgresql postgresql-client || return 1
+    fi
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -1)
+    local hba="/etc/postgresql/$version/main/pg_hba.conf"
+    if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba" 2>/dev/null; then
+      sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    fi
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2
+    resonance_wait_port 5432 300 || { echo "PostgreSQL did not start on 5432" >&2; return 1; }
+  fi
+  psql -h 127.0.0.1 -U postgres -tc "SELECT 1 FROM pg_database WHERE datname = 'test'" 2>/dev/null | grep -q 1 \
+    || psql -h 127.0.0.1 -U postgres -c 'CREATE DATABASE test' >/dev/null 2>&1 || true
+}

@@ -1,0 +1,943 @@
+//! Typed configuration: defaults in code, then `config/task.yaml`, then
+//! environment variables `RESONANCE_TASK__SECTION__KEY`.
+//!
+//! Key names follow the Resonance task service (`log`, `nats`, `etcd`,
+//! `redis`, `registry`, `gateway_service_name`, `consumer`) so an operator's
+//! existing file keeps its meaning; `database`, `gateway` and `dispatch` are
+//! ours. Everything is validated once at start-up by [`Config::load`]: an
+//! unknown key or a bad value refuses to start and the error names the key.
+//! Secrets are [`Secret`] values, redacted in `Debug` and when printed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Yaml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Environment prefix; `__` separates nesting levels.
+pub const ENV_PREFIX: &str = "RESONANCE_TASK__";
+/// Config file read when no `--config` is given (missing is fine).
+pub const DEFAULT_CONFIG_PATH: &str = "config/task.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {cause}")]
+    File {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("configuration: {0}")]
+    Parse(Box<figment::Error>),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub service: ServiceConfig,
+    pub log: LogConfig,
+    pub nats: NatsConfig,
+    pub etcd: EtcdConfig,
+    pub redis: RedisConfig,
+    pub registry: RegistryConfig,
+    pub gateway_service_name: GatewayServiceName,
+    pub consumer: ConsumerConfig,
+    pub database: DatabaseConfig,
+    pub gateway: GatewayPoolConfig,
+    pub dispatch: DispatchConfig,
+    pub dedup: DedupConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin HTTP port: /metrics, /healthz, /readyz.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: ([0, 0, 0, 0], 9090).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Names this pod's NATS connection; shows up in `nats server report`.
+    pub name: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            name: "resonance-task".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Console,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `resonance_task=debug,info`); `RUST_LOG`
+    /// wins when set.
+    pub level: String,
+    pub format: LogFormat,
+    /// OTLP/HTTP endpoint spans are exported to (e.g.
+    /// `http://otel-collector:4318/v1/traces`); unset exports nothing.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Console,
+            otlp_endpoint: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            username: None,
+            password: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    #[serde(deserialize_with = "string_list")]
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    #[serde(with = "duration")]
+    pub dial_timeout: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            username: None,
+            password: None,
+            dial_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `host:port` of a standalone server (ignored when `cluster_addrs` is set).
+    pub addr: String,
+    /// Seed nodes of a Redis Cluster; non-empty selects cluster mode.
+    #[serde(deserialize_with = "string_list")]
+    pub cluster_addrs: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub db: i64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:6379".into(),
+            cluster_addrs: Vec::new(),
+            username: None,
+            password: None,
+            db: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// etcd key prefix of the service registry.
+    pub namespace: String,
+    /// Lease TTL the reference gateway registers with.
+    #[serde(with = "duration")]
+    pub default_ttl: Duration,
+    /// Accepted for compatibility: the registry is always a watched
+    /// in-memory map, never a round trip per push.
+    pub enable_cache: bool,
+    /// How often the whole prefix is listed again as a safety net behind the
+    /// watch.
+    #[serde(with = "duration")]
+    pub cache_expiration: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "/resonance/services".into(),
+            default_ttl: Duration::from_secs(30),
+            enable_cache: true,
+            cache_expiration: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The etcd service name of gateways (`gateway-service`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct GatewayServiceName(pub String);
+
+impl Default for GatewayServiceName {
+    fn default() -> Self {
+        Self("gateway-service".into())
+    }
+}
+
+impl fmt::Display for GatewayServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerMode {
+    /// Shared durable JetStream consumer, explicit acks (no loss).
+    #[default]
+    Jetstream,
+    /// Plain queue-group subscription, at-most-once (legacy behaviour).
+    Core,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub mode: ConsumerMode,
+    pub topic: String,
+    /// Queue group (core mode) and durable consumer name (JetStream mode).
+    pub queue_group: String,
+    /// Events in flight per pod.
+    pub worker_count: usize,
+    /// In-process retries of a failed fan-out (only the recipients that
+    /// failed) before the event is handed back to NATS.
+    pub max_retry: u32,
+    /// Delay before a failed event is first redelivered (integer seconds or
+    /// `5s`); it doubles with each further delivery.
+    #[serde(with = "duration")]
+    pub retry_interval: Duration,
+    /// Cap of the doubling redelivery delay.
+    #[serde(with = "duration")]
+    pub retry_backoff_max: Duration,
+    /// On shutdown, how long events in flight get to finish before they are
+    /// handed back to NATS.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// JetStream stream that captures `topic`.
+    pub stream: String,
+    /// Redelivery after this long without an ack.
+    #[serde(with = "duration")]
+    pub ack_wait: Duration,
+    /// Deliveries before an event is dead-lettered.
+    pub max_deliver: i64,
+    /// Oldest unconsumed event the stream keeps.
+    #[serde(with = "duration")]
+    pub stream_max_age: Duration,
+    pub dead_letter_topic: String,
+    /// JetStream stream that keeps dead letters for inspection and replay.
+    pub dead_letter_stream: String,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            mode: ConsumerMode::Jetstream,
+            topic: "resonance.push.event.v1".into(),
+            queue_group: "task-service".into(),
+            worker_count: 64,
+            max_retry: 3,
+            retry_interval: Duration::from_secs(5),
+            retry_backoff_max: Duration::from_secs(120),
+            shutdown_grace: Duration::from_secs(30),
+            stream: "RESONANCE_PUSH".into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            stream_max_age: Duration::from_secs(7 * 24 * 3600),
+            dead_letter_topic: "resonance.push.dead.v1".into(),
+            dead_letter_stream: "RESONANCE_PUSH_DEAD".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// sqlx URL: `sqlite://file.db`, `mysql://user:pw@host/db`,
+    /// `postgres://user:pw@host/db`.
+    pub url: SecretUrl,
+    pub max_connections: u32,
+    #[serde(with = "duration")]
+    pub acquire_timeout: Duration,
+    /// Apply `migrations/` at start; unset means yes for SQLite only.
+    pub migrate_on_start: Option<bool>,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl("sqlite://resonance-task.db?mode=rwc".into()),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            migrate_on_start: None,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    pub fn migrates_on_start(&self) -> bool {
+        self.migrate_on_start
+            .unwrap_or_else(|| self.url.expose().starts_with("sqlite:"))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayPoolConfig {
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// A push not answered within this is failed and its stream reopened.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// A stream with nothing to send for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Pushes awaiting a response on one gateway stream.
+    pub max_in_flight: usize,
+    /// Upper bound of the reconnect backoff.
+    #[serde(with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for GatewayPoolConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            max_in_flight: 2048,
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Push to the sender's own other devices too (upstream behaviour).
+    pub push_to_sender: bool,
+    /// Route keys per Redis MGET.
+    pub route_chunk_size: usize,
+    /// MGET chunks in flight per event.
+    pub route_concurrency: usize,
+    /// Recipients per push to one gateway; each chunk's deliveries are
+    /// recorded as soon as it is answered.
+    pub push_chunk_size: usize,
+    /// How long session members are cached in-process (0 = no cache).
+    #[serde(with = "duration")]
+    pub member_cache_ttl: Duration,
+    /// Members the cache holds at most, over all sessions.
+    pub member_cache_capacity: u64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            push_to_sender: true,
+            route_chunk_size: 500,
+            route_concurrency: 4,
+            push_chunk_size: 64,
+            member_cache_ttl: Duration::from_secs(2),
+            member_cache_capacity: 1_000_000,
+        }
+    }
+}
+
+/// Redelivery without duplicates: per-event progress in Redis.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Track which recipients each event reached, so a redelivery or a
+    /// duplicate publish pushes to nobody twice.
+    pub enabled: bool,
+    /// How long an unsettled event's progress is kept.
+    #[serde(with = "duration")]
+    pub progress_ttl: Duration,
+    /// How long a settled msg_id is remembered (duplicates within it are
+    /// acked without pushing).
+    #[serde(with = "duration")]
+    pub window: Duration,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            progress_ttl: Duration::from_secs(3600),
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the YAML file, then the environment. An explicit path
+    /// must exist; the default path may be absent.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(path, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_from(path: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|cause| ConfigError::File {
+                    path: p.to_path_buf(),
+                    cause,
+                })?;
+                figment = figment.merge(Yaml::string(&text));
+            }
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                figment = figment.merge(Yaml::file(DEFAULT_CONFIG_PATH));
+            }
+            None => {}
+        }
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn non_empty(key: &'static str, v: &str) -> Result<(), ConfigError> {
+            if v.trim().is_empty() {
+                return Err(ConfigError::invalid(key, "must not be empty"));
+            }
+            Ok(())
+        }
+        fn positive(key: &'static str, v: Duration) -> Result<(), ConfigError> {
+            if v.is_zero() {
+                return Err(ConfigError::invalid(key, "must be greater than zero"));
+            }
+            Ok(())
+        }
+        fn nats_subject(key: &'static str, v: &str) -> Result<(), ConfigError> {
+            non_empty(key, v)?;
+            if v.contains(char::is_whitespace) || v.split('.').any(str::is_empty) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("`{v}` is not a valid NATS subject"),
+                ));
+            }
+            Ok(())
+        }
+
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        non_empty("service.name", &self.service.name)?;
+        if !["nats://", "tls://", "ws://", "wss://"]
+            .iter()
+            .any(|s| self.nats.url.starts_with(s))
+            && self.nats.url.contains("://")
+        {
+            return Err(ConfigError::invalid(
+                "nats.url",
+                format!("`{}` has an unknown scheme", self.nats.url),
+            ));
+        }
+        non_empty("nats.url", &self.nats.url)?;
+        positive("nats.connect_timeout", self.nats.connect_timeout)?;
+        if self.etcd.endpoints.is_empty() {
+            return Err(ConfigError::invalid(
+                "etcd.endpoints",
+                "needs at least one endpoint",
+            ));
+        }
+        for e in &self.etcd.endpoints {
+            non_empty("etcd.endpoints", e)?;
+        }
+        positive("etcd.dial_timeout", self.etcd.dial_timeout)?;
+        if self.redis.cluster_addrs.is_empty() {
+            non_empty("redis.addr", &self.redis.addr)?;
+        }
+        if self.redis.db < 0 {
+            return Err(ConfigError::invalid("redis.db", "must be 0 or more"));
+        }
+        if !self.redis.cluster_addrs.is_empty() && self.redis.db != 0 {
+            return Err(ConfigError::invalid(
+                "redis.db",
+                "Redis Cluster only has database 0",
+            ));
+        }
+        if !self.registry.namespace.starts_with('/') {
+            return Err(ConfigError::invalid(
+                "registry.namespace",
+                format!("`{}` must start with `/`", self.registry.namespace),
+            ));
+        }
+        positive("registry.default_ttl", self.registry.default_ttl)?;
+        positive("registry.cache_expiration", self.registry.cache_expiration)?;
+        non_empty("gateway_service_name", &self.gateway_service_name.0)?;
+        if self.gateway_service_name.0.contains('/') {
+            return Err(ConfigError::invalid(
+                "gateway_service_name",
+                "must not contain `/`",
+            ));
+        }
+        nats_subject("consumer.topic", &self.consumer.topic)?;
+        nats_subject(
+            "consumer.dead_letter_topic",
+            &self.consumer.dead_letter_topic,
+        )?;
+        if self.consumer.topic == self.consumer.dead_letter_topic {
+            return Err(ConfigError::invalid(
+                "consumer.dead_letter_topic",
+                "must differ from consumer.topic",
+            ));
+        }
+        for (key, name) in [
+            ("consumer.queue_group", &self.consumer.queue_group),
+            ("consumer.stream", &self.consumer.stream),
+            (
+                "consumer.dead_letter_stream",
+                &self.consumer.dead_letter_stream,
+            ),
+        ] {
+            non_empty(key, name)?;
+            if name.contains(['.', '*', '>', ' ', '/', '\\']) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("`{name}` may not contain `.`, `*`, `>`, `/`, `\\` or spaces"),
+                ));
+            }
+        }
+        if self.consumer.stream == self.consumer.dead_letter_stream {
+            return Err(ConfigError::invalid(
+                "consumer.dead_letter_stream",
+                "must differ from consumer.stream",
+            ));
+        }
+        if !(1..=100_000).contains(&self.consumer.worker_count) {
+            return Err(ConfigError::invalid(
+                "consumer.worker_count",
+                "must be between 1 and 100000",
+            ));
+        }
+        positive("consumer.retry_interval", self.consumer.retry_interval)?;
+        if self.consumer.retry_backoff_max < self.consumer.retry_interval {
+            return Err(ConfigError::invalid(
+                "consumer.retry_backoff_max",
+                "must be at least consumer.retry_interval",
+            ));
+        }
+        positive("consumer.shutdown_grace", self.consumer.shutdown_grace)?;
+        positive("dedup.progress_ttl", self.dedup.progress_ttl)?;
+        positive("dedup.window", self.dedup.window)?;
+        if self.consumer.ack_wait < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "consumer.ack_wait",
+                "must be at least 1s",
+            ));
+        }
+        if self.consumer.max_deliver < 1 {
+            return Err(ConfigError::invalid(
+                "consumer.max_deliver",
+                "must be at least 1",
+            ));
+        }
+        positive("consumer.stream_max_age", self.consumer.stream_max_age)?;
+        let url = self.database.url.expose();
+        if ![
+            "sqlite:",
+            "mysql://",
+            "mariadb://",
+            "postgres://",
+            "postgresql://",
+        ]
+        .iter()
+        .any(|s| url.starts_with(s))
+        {
+            return Err(ConfigError::invalid(
+                "database.url",
+                format!(
+                    "`{}` must start with sqlite:, mysql://, mariadb://, postgres:// or postgresql://",
+                    self.database.url
+                ),
+            ));
+        }
+        if url.starts_with("sqlite::memory:") || url.contains("mode=memory") {
+            return Err(ConfigError::invalid(
+                "database.url",
+                "an in-memory SQLite database is private to one connection; use a file",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        positive("database.acquire_timeout", self.database.acquire_timeout)?;
+        positive("gateway.connect_timeout", self.gateway.connect_timeout)?;
+        positive("gateway.request_timeout", self.gateway.request_timeout)?;
+        positive("gateway.idle_timeout", self.gateway.idle_timeout)?;
+        positive("gateway.max_backoff", self.gateway.max_backoff)?;
+        if self.gateway.max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "gateway.max_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.dispatch.route_chunk_size) {
+            return Err(ConfigError::invalid(
+                "dispatch.route_chunk_size",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.dispatch.push_chunk_size) {
+            return Err(ConfigError::invalid(
+                "dispatch.push_chunk_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.dispatch.route_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "dispatch.route_concurrency",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as YAML, secrets redacted.
+    pub fn to_redacted_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("config serializes to YAML")
+    }
+}
+
+/// A password or token: never shown by `Debug`, `Display` or serialization.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+/// A URL that may carry a password (`mysql://user:pw@host/db`): shown with
+/// the password replaced.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return self.0.clone();
+        };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                let masked = if userinfo.contains(':') {
+                    format!("{user}:{REDACTED}")
+                } else {
+                    user.to_string()
+                };
+                let tail = redact_query_password(tail);
+                format!("{scheme}://{masked}@{host}{tail}")
+            }
+            None => format!("{scheme}://{authority}{}", redact_query_password(tail)),
+        }
+    }
+}
+
+fn redact_query_password(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}={REDACTED}"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", query.join("&"))
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// Accepts a YAML list or one comma-separated string (handy in env vars).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Durations as integer seconds (the upstream form) or humantime strings
+/// (`500ms`, `5s`, `5m`); written back as humantime strings.
+pub mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => {
+                if let Ok(secs) = t.trim().parse::<u64>() {
+                    return Ok(Duration::from_secs(secs));
+                }
+                humantime::parse_duration(t.trim()).map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "`{t}` is not a duration (use seconds or e.g. `500ms`, `5s`, `2m`): {e}"
+                    ))
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_yaml(yaml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("task.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Config::load_from(Some(&path), Env::prefixed("RESONANCE_TASK_TEST_NONE__"))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_contract() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.consumer.topic, "resonance.push.event.v1");
+        assert_eq!(c.consumer.queue_group, "task-service");
+        assert_eq!(c.consumer.dead_letter_topic, "resonance.push.dead.v1");
+        assert_eq!(c.registry.namespace, "/resonance/services");
+        assert_eq!(c.registry.default_ttl, Duration::from_secs(30));
+        assert_eq!(c.gateway_service_name.0, "gateway-service");
+        assert_eq!(c.gateway.idle_timeout, Duration::from_secs(300));
+        assert!(c.dispatch.push_to_sender);
+        assert!(c.database.migrates_on_start());
+    }
+
+    #[test]
+    fn upstream_style_file_loads() {
+        let c = load_yaml(
+            "consumer:\n  topic: resonance.push.event.v1\n  queue_group: task-service\n  worker_count: 10\n  max_retry: 3\n  retry_interval: 2\nregistry:\n  namespace: /resonance/services\n  default_ttl: 30s\n  enable_cache: true\n  cache_expiration: 1m\ngateway_service_name: gateway-service\n",
+        )
+        .unwrap();
+        assert_eq!(c.consumer.worker_count, 10);
+        assert_eq!(c.consumer.retry_interval, Duration::from_secs(2));
+        assert_eq!(c.registry.cache_expiration, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_yaml("consumer:\n  wroker_count: 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wroker_count"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = load_yaml("consumer:\n  worker_count: lots\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("worker_count"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err = load_yaml("consumer:\n  worker_count: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consumer.worker_count"), "{err}");
+        let err = load_yaml("database:\n  url: oracle://x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.url"), "{err}");
+        let err = load_yaml("consumer:\n  retry_interval: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retry_interval"), "{err}");
+        let err = load_yaml("consumer:\n  topic: 'a..b'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consumer.topic"), "{err}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/task.yaml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/task.yaml"));
+    }
+
+    #[test]
+    // The closure's error type is figment's own.
+    #[allow(clippy::result_large_err)]
+    fn env_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("task.yaml", "consumer:\n  worker_count: 5\n")?;
+            jail.set_env("RESONANCE_TASK__CONSUMER__WORKER_COUNT", "7");
+            jail.set_env(
+                "RESONANCE_TASK__ETCD__ENDPOINTS",
+                "http://a:2379,http://b:2379",
+            );
+            let c = Config::load(Some(Path::new("task.yaml"))).expect("loads");
+            assert_eq!(c.consumer.worker_count, 7);
+            assert_eq!(c.etcd.endpoints, vec!["http://a:2379", "http://b:2379"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_redacted_everywhere() {
+        let mut c = Config::default();
+        c.redis.password = Some(Secret::new("hunter2"));
+        c.nats.password = Some(Secret::new("natspw"));
+        c.database.url = SecretUrl::new("mysql://root:dbpw@127.0.0.1:3306/test?password=q");
+        let yaml = c.to_redacted_yaml();
+        let debug = format!("{c:?}");
+        for shown in [&yaml, &debug] {
+            for secret in ["hunter2", "natspw", "dbpw", "=q"] {
+                assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+            }
+        }
+        assert!(yaml.contains("mysql://root:<redacted>@127.0.0.1:3306/test"));
+    }
+
+    #[test]
+    fn durations_accept_seconds_and_humantime() {
+        let c = load_yaml("gateway:\n  request_timeout: 750ms\n  idle_timeout: 60\n").unwrap();
+        assert_eq!(c.gateway.request_timeout, Duration::from_millis(750));
+        assert_eq!(c.gateway.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn shipped_example_is_valid_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(load_yaml(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn printed_config_loads_back() {
+        let c = Config::default();
+        let again = load_yaml(&c.to_redacted_yaml()).unwrap();
+        assert_eq!(c, again);
+    }
+}

@@ -1,0 +1,382 @@
+//! NATS intake and the ack policy. Two intakes share one [`EventHandler`]:
+//! `jetstream` (default: a durable pull consumer every pod shares, ack only
+//! after the fan-out settled) and `core` (a plain queue group, at-most-once,
+//! the legacy behaviour). The handler decodes an event, dispatches it and
+//! turns the result into a [`Decision`]; `dead_letter` parks what can never
+//! succeed on `resonance.push.dead.v1` with the reason in headers.
+
+pub mod core;
+pub mod dead_letter;
+pub mod jetstream;
+mod tally;
+
+use std::time::Duration;
+
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::dispatch::{DispatchError, Dispatcher, FanoutReport};
+use crate::proto::PushEvent;
+use crate::telemetry;
+pub use tally::Tally;
+
+/// What to do with a message once its handling is over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Every recipient was delivered or is offline.
+    Ack,
+    /// The event had settled before (a redelivery or a duplicate publish):
+    /// acked without pushing.
+    Duplicate,
+    /// A dependency or gateway failed; redeliver after `delay`.
+    Retry { delay: Duration, reason: String },
+    /// It can never succeed, or it ran out of deliveries.
+    DeadLetter { reason: String, last_error: String },
+    /// Shutdown interrupted it: redeliver at once, to another pod.
+    HandBack,
+}
+
+/// Where a message stands in its delivery history.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    /// 1 for the first delivery.
+    pub delivery: i64,
+    /// Deliveries allowed in all (`consumer.max_deliver`); the last one
+    /// dead-letters instead of retrying, since NATS would not redeliver.
+    pub max_deliver: i64,
+}
+
+/// The ack policy: a pure function of the dispatch result and the attempt.
+pub fn decide(
+    result: &Result<FanoutReport, DispatchError>,
+    attempt: Attempt,
+    retry_interval: Duration,
+) -> Decision {
+    let reason = match result {
+        Ok(report) if report.duplicate => return Decision::Duplicate,
+        // Never dead-lettered: the other handler settles it.
+        Ok(report) if report.busy => {
+            return Decision::Retry {
+                delay: retry_interval,
+                reason: "another delivery of this event is being handled".into(),
+            };
+        }
+        Ok(report) if report.is_settled() => return Decision::Ack,
+        Ok(report) => {
+            let failure = report
+                .first_failure()
+                .expect("unsettled report has a failure");
+            format!(
+                "{} of {} recipients not delivered: {failure}",
+                report.failed.len(),
+                report.members
+            )
+        }
+        Err(e) if !e.is_transient() => {
+            return Decision::DeadLetter {
+                reason: e.to_string(),
+                last_error: e.to_string(),
+            };
+        }
+        Err(e) => e.to_string(),
+    };
+    if attempt.delivery >= attempt.max_deliver {
+        return Decision::DeadLetter {
+            reason: format!("gave up after {} deliveries", attempt.delivery),
+            last_error: reason,
+        };
+    }
+    Decision::Retry {
+        delay: retry_interval,
+        reason,
+    }
+}
+
+/// How an event is retried inside the pod before it goes back to NATS.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// In-process attempts after the first (`consumer.max_retry`).
+    pub max_retry: u32,
+    /// Redelivery delay once in-process attempts are spent
+    /// (`consumer.retry_interval`).
+    pub retry_interval: Duration,
+}
+
+/// Decodes, dispatches and decides, for either intake.
+pub struct EventHandler {
+    dispatcher: Dispatcher,
+    retry: RetryPolicy,
+    tally: Tally,
+}
+
+/// Copies `traceparent`/`tracestate` from NATS headers into an event that
+/// carries no trace context of its own.
+fn adopt_trace_context(event: &mut PushEvent, headers: &async_nats::HeaderMap) {
+    if event.trace_headers.contains_key("traceparent") {
+        return;
+    }
+    for name in ["traceparent", "tracestate"] {
+        if let Some(v) = headers.get(name) {
+            event
+                .trace_headers
+                .insert(name.to_string(), v.as_str().to_string());
+        }
+    }
+}
+
+/// A name for one handling of one event, unique across pods.
+fn handling_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// First in-process retry delay; doubles per attempt up to `RETRY_CAP`.
+const RETRY_BASE: Duration = Duration::from_millis(100);
+const RETRY_CAP: Duration = Duration::from_secs(2);
+
+impl EventHandler {
+    pub fn new(dispatcher: Dispatcher, retry: RetryPolicy, tally: Tally) -> Self {
+        Self {
+            dispatcher,
+            retry,
+            tally,
+        }
+    }
+
+    /// Dispatches, then retries in-process with capped, jittered backoff:
+    /// the whole event while nothing was pushed yet, afterwards only the
+    /// recipients whose push failed, so those already delivered are not
+    /// pushed again.
+    async fn dispatch_with_retries(
+        &self,
+        event: &PushEvent,
+        token: &str,
+    ) -> Result<FanoutReport, DispatchError> {
+        let mut result = self.dispatcher.dispatch(event, token).await;
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
+        for _ in 0..self.retry.max_retry {
+            match &mut result {
+                Ok(report) if !report.is_settled() => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    let failed: Vec<String> =
+                        report.failed.iter().map(|(u, _)| u.clone()).collect();
+                    match self.dispatcher.redeliver(event, failed).await {
+                        Ok(retry) => report.absorb_retry(retry),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "in-process retry failed");
+                        }
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    // Nothing was pushed; let go of the claim so the next
+                    // attempt (ours or another delivery's) can take it.
+                    let _ = self.dispatcher.finish(event.msg_id, token, false).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    result = self.dispatcher.dispatch(event, token).await;
+                }
+                _ => break,
+            }
+        }
+        result
+    }
+
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    /// Handles one payload. The decision is also logged and counted.
+    /// When `abort` fires first, the fan-out is dropped where it stands,
+    /// the event's claim is released and it is handed back.
+    /// `headers` are the NATS message's headers: their W3C trace context is
+    /// used when the event's own `trace_headers` carry none.
+    pub async fn handle(
+        &self,
+        payload: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+        attempt: Attempt,
+        abort: &CancellationToken,
+    ) -> Decision {
+        let mut event = match PushEvent::decode(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                let reason = format!("undecodable PushEvent ({} bytes): {e}", payload.len());
+                tracing::warn!(%reason, delivery = attempt.delivery, "event rejected");
+                return Decision::DeadLetter {
+                    last_error: reason.clone(),
+                    reason,
+                };
+            }
+        };
+        if let Some(headers) = headers {
+            adopt_trace_context(&mut event, headers);
+        }
+        metrics::histogram!(telemetry::metrics::EVENT_AGE)
+            .record(telemetry::metrics::seconds_since_ms(event.timestamp));
+        let token = handling_token();
+        let result = tokio::select! {
+            r = self.dispatch_with_retries(&event, &token) => r,
+            _ = abort.cancelled() => {
+                tracing::warn!(msg_id = event.msg_id, session_id = %event.session_id, "shutdown grace over; handing the event back");
+                let _ = self.dispatcher.finish(event.msg_id, &token, false).await;
+                return Decision::HandBack;
+            }
+        };
+        let decision = decide(&result, attempt, self.retry.retry_interval);
+        if decision == Decision::Ack {
+            metrics::histogram!(telemetry::metrics::PUBLISH_TO_ACK)
+                .record(telemetry::metrics::seconds_since_ms(event.timestamp));
+        }
+        if let Err(e) = self
+            .dispatcher
+            .finish(event.msg_id, &token, decision == Decision::Ack)
+            .await
+        {
+            // The fan-out is over either way. Unmarked, a later duplicate may
+            // be pushed again; an unreleased claim expires with its TTL.
+            tracing::warn!(msg_id = event.msg_id, error = %e, "could not record the event's end in Redis");
+        }
+        if let Ok(report) = &result {
+            self.tally.recipients(report);
+        }
+        match &decision {
+            Decision::Ack => {
+                tracing::debug!(msg_id = event.msg_id, session_id = %event.session_id, "event settled")
+            }
+            Decision::Retry { reason, delay } => tracing::warn!(
+                msg_id = event.msg_id,
+                session_id = %event.session_id,
+                delivery = attempt.delivery,
+                retry_in = ?delay,
+                %reason,
+                "event will be redelivered"
+            ),
+            Decision::HandBack => {}
+            Decision::Duplicate => tracing::info!(
+                msg_id = event.msg_id,
+                session_id = %event.session_id,
+                delivery = attempt.delivery,
+                "event settled before; acked without pushing"
+            ),
+            Decision::DeadLetter { reason, .. } => tracing::warn!(
+                msg_id = event.msg_id,
+                session_id = %event.session_id,
+                delivery = attempt.delivery,
+                %reason,
+                "event dead-lettered"
+            ),
+        }
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::plan::OfflineReason;
+    use crate::gateway::{FailureKind, PushFailure};
+
+    const RETRY: Duration = Duration::from_secs(5);
+
+    fn attempt(delivery: i64) -> Attempt {
+        Attempt {
+            delivery,
+            max_deliver: 3,
+        }
+    }
+
+    fn report(failed: usize) -> FanoutReport {
+        FanoutReport {
+            members: 3,
+            delivered: vec!["a".into()],
+            offline: vec![("b".into(), OfflineReason::NoRoute)],
+            duplicate: false,
+            busy: false,
+            already_delivered: 0,
+            failed: (0..failed)
+                .map(|i| {
+                    (
+                        format!("f{i}"),
+                        PushFailure::new(FailureKind::Timeout, "g1", "slow"),
+                    )
+                })
+                .collect(),
+            gateways: 1,
+        }
+    }
+
+    #[test]
+    fn settled_fan_out_is_acked() {
+        assert_eq!(decide(&Ok(report(0)), attempt(1), RETRY), Decision::Ack);
+        assert_eq!(decide(&Ok(report(0)), attempt(3), RETRY), Decision::Ack);
+    }
+
+    #[test]
+    fn failures_retry_until_the_last_delivery() {
+        match decide(&Ok(report(1)), attempt(2), RETRY) {
+            Decision::Retry { delay, reason } => {
+                assert_eq!(delay, RETRY);
+                assert!(reason.contains("g1"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        match decide(&Ok(report(1)), attempt(3), RETRY) {
+            Decision::DeadLetter { reason, last_error } => {
+                assert!(last_error.contains("g1"), "{last_error}");
+                assert!(reason.contains("after 3 deliveries"), "{reason}")
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn an_event_held_elsewhere_is_retried_never_dead_lettered() {
+        let busy = FanoutReport {
+            busy: true,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide(&Ok(busy), attempt(3), RETRY),
+            Decision::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn nats_headers_supply_missing_trace_context() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-bbbbbbbbbbbbbbbb-01",
+        );
+        let mut bare = PushEvent::default();
+        adopt_trace_context(&mut bare, &headers);
+        assert!(bare.trace_headers["traceparent"].contains("aaaa"));
+        let mut own = PushEvent::default();
+        own.trace_headers.insert(
+            "traceparent".into(),
+            "00-cccccccccccccccccccccccccccccccc-dddddddddddddddd-01".into(),
+        );
+        adopt_trace_context(&mut own, &headers);
+        assert!(
+            own.trace_headers["traceparent"].contains("cccc"),
+            "the event's own context wins"
+        );
+    }
+
+    #[test]
+    fn a_settled_duplicate_is_acked() {
+        let dup = FanoutReport {
+            duplicate: true,
+            ..Default::default()
+        };
+        assert_eq!(decide(&Ok(dup), attempt(3), RETRY), Decision::Duplicate);
+    }
+
+    #[test]
+    fn invalid_events_dead_letter_at_once() {
+        let invalid = Err(DispatchError::Invalid("session_id is empty".into()));
+        assert!(matches!(
+            decide(&invalid, attempt(1), RETRY),
+            Decision::DeadLetter { .. }
+        ));
+    }
+}

@@ -1,0 +1,182 @@
+//! Planning one event's fan-out, with no I/O: given the members and their
+//! routes, decide which recipients go to which gateway and which are
+//! offline. Every member ends up in exactly one place.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::registry::{GatewayEndpoint, GatewayMap};
+use crate::store::Route;
+
+/// Why a recipient is offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OfflineReason {
+    /// No route in Redis: not connected anywhere.
+    NoRoute,
+    /// The route names a gateway the registry does not know (gone).
+    GatewayUnregistered,
+    /// The gateway answered that the user is not connected there.
+    NotConnected,
+}
+
+impl OfflineReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no_route",
+            Self::GatewayUnregistered => "gateway_unregistered",
+            Self::NotConnected => "not_connected",
+        }
+    }
+}
+
+/// Recipients of one gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayBatch {
+    pub endpoint: GatewayEndpoint,
+    pub recipients: Vec<String>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub batches: Vec<GatewayBatch>,
+    pub offline: Vec<(String, OfflineReason)>,
+}
+
+/// Recipients: the members, each once, without the sender unless
+/// `push_to_sender`.
+pub fn recipients(members: Vec<String>, sender: &str, push_to_sender: bool) -> Vec<String> {
+    let mut seen = HashSet::with_capacity(members.len());
+    members
+        .into_iter()
+        .filter(|m| (push_to_sender || m != sender) && seen.insert(m.clone()))
+        .collect()
+}
+
+/// Groups `recipients` (with their `routes`, same order) by gateway.
+/// Batches come out sorted by gateway id, recipients in input order.
+pub fn plan(recipients: Vec<String>, routes: Vec<Option<Route>>, gateways: &GatewayMap) -> Plan {
+    debug_assert_eq!(recipients.len(), routes.len());
+    let mut by_gateway: HashMap<String, GatewayBatch> = HashMap::new();
+    let mut offline = Vec::new();
+    for (user, route) in recipients.into_iter().zip(routes) {
+        let Some(route) = route else {
+            offline.push((user, OfflineReason::NoRoute));
+            continue;
+        };
+        match by_gateway.get_mut(&route.gateway_id) {
+            Some(batch) => batch.recipients.push(user),
+            None => match gateways.resolve(&route.gateway_id) {
+                Some(endpoint) => {
+                    by_gateway.insert(
+                        route.gateway_id,
+                        GatewayBatch {
+                            endpoint: endpoint.clone(),
+                            recipients: vec![user],
+                        },
+                    );
+                }
+                None => offline.push((user, OfflineReason::GatewayUnregistered)),
+            },
+        }
+    }
+    let mut batches: Vec<GatewayBatch> = by_gateway.into_values().collect();
+    batches.sort_by(|a, b| a.endpoint.gateway_id.cmp(&b.endpoint.gateway_id));
+    Plan { batches, offline }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::registry::{GatewayMap, PushProtocol};
+    use proptest::prelude::*;
+
+    pub(crate) fn map_of(ids: &[&str]) -> GatewayMap {
+        GatewayMap::for_tests(ids.iter().map(|id| GatewayEndpoint {
+            gateway_id: id.to_string(),
+            instance_id: format!("i-{id}"),
+            uri: format!("http://{id}:1"),
+            protocol: PushProtocol::PerUser,
+        }))
+    }
+
+    fn route(user: &str, gw: &str) -> Option<Route> {
+        Some(Route {
+            username: user.into(),
+            gateway_id: gw.into(),
+            remote_ip: String::new(),
+            timestamp: 0,
+        })
+    }
+
+    #[test]
+    fn sender_and_duplicates() {
+        let m = vec!["a".to_string(), "b".into(), "a".into(), "c".into()];
+        assert_eq!(recipients(m.clone(), "b", true), vec!["a", "b", "c"]);
+        assert_eq!(recipients(m, "b", false), vec!["a", "c"]);
+    }
+
+    #[test]
+    fn groups_per_gateway_and_marks_offline() {
+        let gateways = map_of(&["g1", "g2"]);
+        let users: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let routes = vec![
+            route("a", "g2"),
+            None,
+            route("c", "g1"),
+            route("d", "gone"),
+            route("e", "g2"),
+        ];
+        let p = plan(users, routes, &gateways);
+        assert_eq!(p.batches.len(), 2);
+        assert_eq!(p.batches[0].endpoint.gateway_id, "g1");
+        assert_eq!(p.batches[0].recipients, vec!["c"]);
+        assert_eq!(p.batches[1].recipients, vec!["a", "e"]);
+        assert_eq!(
+            p.offline,
+            vec![
+                ("b".to_string(), OfflineReason::NoRoute),
+                ("d".to_string(), OfflineReason::GatewayUnregistered)
+            ]
+        );
+    }
+
+    proptest! {
+        /// Each recipient lands in exactly one batch or in offline, every
+        /// batch holds only users routed to its gateway, and no gateway has
+        /// two batches.
+        #[test]
+        fn every_recipient_is_placed_exactly_once(
+            assignments in proptest::collection::vec(proptest::option::of(0usize..6), 0..300)
+        ) {
+            let gateways = map_of(&["g0", "g1", "g2", "g3"]); // g4, g5 unregistered
+            let users: Vec<String> = (0..assignments.len()).map(|i| format!("u{i}")).collect();
+            let routes: Vec<Option<Route>> = users.iter().zip(&assignments)
+                .map(|(u, a)| a.and_then(|g| route(u, &format!("g{g}"))))
+                .collect();
+            let p = plan(users.clone(), routes, &gateways);
+            let mut placed: Vec<&String> = p.batches.iter().flat_map(|b| &b.recipients).collect();
+            placed.extend(p.offline.iter().map(|(u, _)| u));
+            placed.sort();
+            let mut expected: Vec<&String> = users.iter().collect();
+            expected.sort();
+            prop_assert_eq!(placed, expected);
+            let ids: HashSet<_> = p.batches.iter().map(|b| &b.endpoint.gateway_id).collect();
+            prop_assert_eq!(ids.len(), p.batches.len());
+            for b in &p.batches {
+                for u in &b.recipients {
+                    let i: usize = u[1..].parse().unwrap();
+                    prop_assert_eq!(Some(&format!("g{}", assignments[i].unwrap())), Some(&b.endpoint.gateway_id));
+                }
+            }
+            for (u, reason) in &p.offline {
+                let i: usize = u[1..].parse().unwrap();
+                match assignments[i] {
+                    None => prop_assert_eq!(*reason, OfflineReason::NoRoute),
+                    Some(g) => {
+                        prop_assert!(g >= 4);
+                        prop_assert_eq!(*reason, OfflineReason::GatewayUnregistered);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Pushing to gateways: a [`GatewayPool`] of long-lived bidirectional gRPC
+//! streams, one per gateway, each driven by its own task (`stream`), and the
+//! reference gateway used for development, tests and benchmarks
+//! (`reference`). Neighbours: `registry` says where a gateway is; `dispatch`
+//! hands the pool one message and the recipients held by one gateway.
+
+mod correlation;
+mod pool;
+pub mod reference;
+mod stream;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use pool::GatewayPool;
+
+/// What happened to one recipient of one push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The gateway handed the message to the user's connection(s).
+    Delivered,
+    /// The gateway answered that the user is not connected there: offline,
+    /// not a gateway failure.
+    NotConnected(String),
+    /// No answer: the stream could not be opened, broke, or timed out.
+    Failed(PushFailure),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    Connect,
+    Timeout,
+    StreamBroken,
+    Closed,
+}
+
+/// A transport failure shared by every recipient it hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushFailure {
+    pub kind: FailureKind,
+    pub gateway_id: Arc<str>,
+    pub detail: Arc<str>,
+}
+
+impl PushFailure {
+    pub fn new(kind: FailureKind, gateway_id: &str, detail: impl fmt::Display) -> Self {
+        Self {
+            kind,
+            gateway_id: gateway_id.into(),
+            detail: detail.to_string().into(),
+        }
+    }
+}
+
+impl fmt::Display for PushFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            FailureKind::Connect => "connecting to",
+            FailureKind::Timeout => "no answer in time from",
+            FailureKind::StreamBroken => "stream broke to",
+            FailureKind::Closed => "stream closed to",
+        };
+        write!(f, "{what} gateway {}: {}", self.gateway_id, self.detail)
+    }
+}

@@ -1,0 +1,139 @@
+//! The pool of gateway streams: at most one live [`GatewayStream`] per
+//! gateway id, shared by every event in the pod. An entry is replaced when
+//! the registry moves the gateway to a new endpoint and dropped when its
+//! stream goes idle; the next push opens a fresh one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+
+use super::stream::{GatewayStream, PushCommand};
+use super::{FailureKind, PushFailure, PushOutcome};
+use crate::config::GatewayPoolConfig;
+use crate::proto::PushMessage;
+use crate::registry::GatewayEndpoint;
+use crate::telemetry;
+
+/// Pushes queued per stream before callers wait (backpressure).
+const COMMAND_QUEUE: usize = 1024;
+
+struct Entry {
+    endpoint: GatewayEndpoint,
+    commands: mpsc::Sender<PushCommand>,
+    generation: u64,
+}
+
+struct Inner {
+    cfg: GatewayPoolConfig,
+    tracker: TaskTracker,
+    streams: Mutex<HashMap<String, Entry>>,
+    generations: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct GatewayPool {
+    inner: Arc<Inner>,
+}
+
+impl GatewayPool {
+    /// Stream tasks are spawned on `tracker`; they end once the pool and
+    /// every push using them are gone.
+    pub fn new(cfg: GatewayPoolConfig, tracker: TaskTracker) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                tracker,
+                streams: Mutex::new(HashMap::new()),
+                generations: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Pushes `message` to each recipient held by `endpoint`'s gateway and
+    /// returns one outcome per recipient, in input order.
+    /// `trace_headers` (W3C context) ride along with every request.
+    pub async fn push(
+        &self,
+        endpoint: &GatewayEndpoint,
+        message: PushMessage,
+        recipients: Vec<String>,
+        trace_headers: HashMap<String, String>,
+    ) -> Vec<PushOutcome> {
+        let n = recipients.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let closed = || {
+            let failure = PushFailure::new(
+                FailureKind::Closed,
+                &endpoint.gateway_id,
+                "stream task ended",
+            );
+            vec![PushOutcome::Failed(failure); n]
+        };
+        let (reply, answer) = oneshot::channel();
+        let command = PushCommand {
+            message,
+            recipients,
+            trace_headers,
+            reply,
+        };
+        if self.sender_for(endpoint).send(command).await.is_err() {
+            return closed();
+        }
+        answer.await.unwrap_or_else(|_| closed())
+    }
+
+    /// Gateways with a stream task alive (open, or opening on demand).
+    pub fn open_streams(&self) -> usize {
+        let streams = self.inner.streams.lock().expect("pool lock");
+        streams.values().filter(|e| !e.commands.is_closed()).count()
+    }
+
+    fn sender_for(&self, endpoint: &GatewayEndpoint) -> mpsc::Sender<PushCommand> {
+        let mut streams = self.inner.streams.lock().expect("pool lock");
+        if let Some(entry) = streams.get(&endpoint.gateway_id)
+            && entry.endpoint == *endpoint
+            && !entry.commands.is_closed()
+        {
+            return entry.commands.clone();
+        }
+        let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let pool: Weak<Inner> = Arc::downgrade(&self.inner);
+        let gateway_id = endpoint.gateway_id.clone();
+        let on_idle = Box::new(move || {
+            if let Some(pool) = pool.upgrade() {
+                let mut streams = pool.streams.lock().expect("pool lock");
+                if streams
+                    .get(&gateway_id)
+                    .is_some_and(|e| e.generation == generation)
+                {
+                    streams.remove(&gateway_id);
+                }
+            }
+        });
+        let stream = GatewayStream::new(endpoint.clone(), self.inner.cfg.clone(), rx, on_idle);
+        self.inner.tracker.spawn(async move {
+            let open = metrics::gauge!(telemetry::metrics::GATEWAY_STREAMS);
+            open.increment(1.0);
+            stream.run().await;
+            open.decrement(1.0);
+        });
+        if let Some(old) = streams.insert(
+            endpoint.gateway_id.clone(),
+            Entry {
+                endpoint: endpoint.clone(),
+                commands: tx.clone(),
+                generation,
+            },
+        ) && old.endpoint != *endpoint
+        {
+            tracing::info!(gateway_id = %endpoint.gateway_id, from = %old.endpoint.uri, to = %endpoint.uri, "gateway moved; new stream");
+        }
+        tx
+    }
+}

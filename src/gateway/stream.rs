@@ -1,0 +1,334 @@
+//! One gateway's push stream: a task that owns a long-lived bidirectional
+//! `PushService.PushMessage` call, writes requests as callers hand them over
+//! (many in flight, not stop-and-wait), and matches responses by order
+//! (`correlation`).
+//!
+//! The stream opens lazily on the first push and reopens after a failure;
+//! while the gateway cannot be reached, pushes fail at once (after a capped,
+//! jittered backoff) so the event goes back to NATS instead of piling up
+//! here. A request unanswered within `gateway.request_timeout` fails its
+//! stream: every request still in flight is reported failed, never lost, and
+//! the next push reconnects. A stream with nothing to do for
+//! `gateway.idle_timeout` closes; so does one whose pool entry was replaced
+//! (the gateway moved), once its in-flight requests are answered.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use super::correlation::{Group, InFlight};
+use super::{FailureKind, PushFailure, PushOutcome};
+use crate::backoff::Backoff;
+use crate::config::GatewayPoolConfig;
+use crate::proto::gateway::v1::push_service_client::PushServiceClient;
+use crate::proto::{PushMessage, PushMessageRequest};
+use crate::registry::GatewayEndpoint;
+
+/// One caller's push: a message for some recipients on this gateway.
+pub(crate) struct PushCommand {
+    pub message: PushMessage,
+    pub recipients: Vec<String>,
+    pub trace_headers: std::collections::HashMap<String, String>,
+    pub reply: oneshot::Sender<Vec<PushOutcome>>,
+}
+
+impl PushCommand {
+    fn fail(self, failure: &PushFailure) {
+        let n = self.recipients.len();
+        let _ = self
+            .reply
+            .send(vec![PushOutcome::Failed(failure.clone()); n]);
+    }
+}
+
+/// Why a stream session ended.
+enum SessionEnd {
+    /// Nothing to send for `idle_timeout`.
+    Idle,
+    /// Every sender is gone and in-flight requests are answered.
+    Closed,
+    Broken(PushFailure),
+}
+
+pub(crate) struct GatewayStream {
+    endpoint: GatewayEndpoint,
+    cfg: GatewayPoolConfig,
+    commands: mpsc::Receiver<PushCommand>,
+    /// Called once when the stream goes idle, so the pool stops handing out
+    /// this stream before it closes.
+    on_idle: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl GatewayStream {
+    pub(crate) fn new(
+        endpoint: GatewayEndpoint,
+        cfg: GatewayPoolConfig,
+        commands: mpsc::Receiver<PushCommand>,
+        on_idle: Box<dyn FnOnce() + Send + Sync>,
+    ) -> Self {
+        Self {
+            endpoint,
+            cfg,
+            commands,
+            on_idle: Some(on_idle),
+        }
+    }
+
+    fn failure(&self, kind: FailureKind, detail: impl std::fmt::Display) -> PushFailure {
+        PushFailure::new(kind, &self.endpoint.gateway_id, detail)
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
+        let mut opened = false;
+        loop {
+            let Some(first) = self.next_command().await else {
+                tracing::debug!(gateway_id = %self.endpoint.gateway_id, "gateway stream closed");
+                return;
+            };
+            let channel = match self.connect().await {
+                Ok(c) => c,
+                Err(failure) => {
+                    first.fail(&failure);
+                    self.fail_during_backoff(&failure, backoff.next_delay())
+                        .await;
+                    continue;
+                }
+            };
+            tracing::info!(gateway_id = %self.endpoint.gateway_id, uri = %self.endpoint.uri, "gateway stream open");
+            if opened {
+                metrics::counter!(crate::telemetry::metrics::RECONNECTS, "dependency" => "gateway")
+                    .increment(1);
+            }
+            opened = true;
+            let (end, answered) = self.session(channel, first).await;
+            match end {
+                SessionEnd::Idle | SessionEnd::Closed => {
+                    tracing::debug!(gateway_id = %self.endpoint.gateway_id, "gateway stream drained");
+                }
+                SessionEnd::Broken(failure) => {
+                    tracing::warn!(gateway_id = %self.endpoint.gateway_id, error = %failure, "gateway stream failed; in-flight pushes reported failed");
+                    if answered {
+                        backoff.reset();
+                    } else {
+                        self.fail_during_backoff(&failure, backoff.next_delay())
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next push, or `None` when the stream should end: every sender is
+    /// gone, or it sat idle (then the pool entry is removed first and pushes
+    /// already queued are still served).
+    async fn next_command(&mut self) -> Option<PushCommand> {
+        if self.on_idle.is_none() {
+            return self.commands.recv().await;
+        }
+        match tokio::time::timeout(self.cfg.idle_timeout, self.commands.recv()).await {
+            Ok(cmd) => cmd,
+            Err(_) => {
+                self.go_idle();
+                self.commands.recv().await
+            }
+        }
+    }
+
+    fn go_idle(&mut self) {
+        if let Some(on_idle) = self.on_idle.take() {
+            on_idle();
+            self.commands.close();
+        }
+    }
+
+    async fn connect(&self) -> Result<Channel, PushFailure> {
+        let endpoint = Endpoint::from_shared(self.endpoint.uri.clone())
+            .map_err(|e| self.failure(FailureKind::Connect, e))?
+            .connect_timeout(self.cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        endpoint.connect().await.map_err(|e| {
+            let detail = std::error::Error::source(&e)
+                .map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+            self.failure(
+                FailureKind::Connect,
+                format!("{}: {detail}", self.endpoint.uri),
+            )
+        })
+    }
+
+    /// Waits out a backoff delay, failing pushes that arrive meanwhile so
+    /// their events are retried later rather than queued here.
+    async fn fail_during_backoff(&mut self, failure: &PushFailure, delay: Duration) {
+        let until = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => cmd.fail(failure),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Runs one gRPC call until it breaks, idles or closes. Returns how it
+    /// ended and whether any response arrived.
+    async fn session(&mut self, channel: Channel, first: PushCommand) -> (SessionEnd, bool) {
+        let inflight = Mutex::new(InFlight::default());
+        let sent = Notify::new();
+        let drained = Notify::new();
+        let permits = Arc::new(Semaphore::new(self.cfg.max_in_flight));
+        let (requests, request_stream) = mpsc::channel::<PushMessageRequest>(1024);
+        let mut client = PushServiceClient::new(channel).max_decoding_message_size(4 * 1024 * 1024);
+        let gateway_id = self.endpoint.gateway_id.clone();
+        let request_timeout = self.cfg.request_timeout;
+        let idle_timeout = self.cfg.idle_timeout;
+        let max_in_flight = self.cfg.max_in_flight;
+        let broken =
+            |detail: String| PushFailure::new(FailureKind::StreamBroken, &gateway_id, detail);
+        let mut answered = false;
+
+        let reader = async {
+            let response = client
+                .push_message(ReceiverStream::new(request_stream))
+                .await
+                .map_err(|s| broken(status_text(&s)))?;
+            let mut inbound = response.into_inner();
+            loop {
+                let message = inbound
+                    .message()
+                    .await
+                    .map_err(|s| broken(status_text(&s)))?;
+                let Some(response) = message else {
+                    return Err::<std::convert::Infallible, _>(broken(
+                        "gateway ended the stream".into(),
+                    ));
+                };
+                answered = true;
+                let outcome = if response.error.is_empty() {
+                    PushOutcome::Delivered
+                } else {
+                    PushOutcome::NotConnected(response.error)
+                };
+                let mut guard = inflight.lock().expect("in-flight lock");
+                if guard.answer(outcome).is_err() {
+                    return Err(broken("gateway sent a response to no request".into()));
+                }
+                if guard.is_empty() {
+                    drained.notify_waiters();
+                }
+            }
+        };
+
+        let commands = &mut self.commands;
+        let on_idle = &mut self.on_idle;
+        let writer = async {
+            let mut next = Some(first);
+            loop {
+                let cmd = match next.take() {
+                    Some(cmd) => cmd,
+                    None => match tokio::time::timeout(idle_timeout, commands.recv()).await {
+                        Ok(Some(cmd)) => cmd,
+                        Ok(None) => {
+                            // Senders gone: finish what is in flight, then close.
+                            loop {
+                                let wait = drained.notified();
+                                if inflight.lock().expect("in-flight lock").is_empty() {
+                                    return SessionEnd::Closed;
+                                }
+                                wait.await;
+                            }
+                        }
+                        Err(_) if inflight.lock().expect("in-flight lock").is_empty() => {
+                            if let Some(f) = on_idle.take() {
+                                f();
+                                commands.close();
+                                continue;
+                            }
+                            return SessionEnd::Idle;
+                        }
+                        Err(_) => continue,
+                    },
+                };
+                let n = cmd.recipients.len();
+                let held = permits
+                    .clone()
+                    .acquire_many_owned(n.min(max_in_flight) as u32)
+                    .await
+                    .expect("semaphore is never closed");
+                {
+                    let mut guard = inflight.lock().expect("in-flight lock");
+                    let was_empty = guard.is_empty();
+                    guard.push(Group::new(
+                        n,
+                        cmd.reply,
+                        Instant::now() + request_timeout,
+                        Some(held),
+                    ));
+                    if was_empty {
+                        sent.notify_one();
+                    }
+                }
+                for recipient in cmd.recipients {
+                    let mut message = cmd.message.clone();
+                    message.to_username.clone_from(&recipient);
+                    let request = PushMessageRequest {
+                        to_username: recipient,
+                        message: Some(message),
+                        trace_headers: cmd.trace_headers.clone(),
+                    };
+                    if requests.send(request).await.is_err() {
+                        return SessionEnd::Broken(broken("request stream closed".into()));
+                    }
+                }
+            }
+        };
+
+        let watchdog = async {
+            loop {
+                let wait = sent.notified();
+                let deadline = inflight.lock().expect("in-flight lock").oldest_deadline();
+                match deadline {
+                    None => wait.await,
+                    Some(d) if d <= Instant::now() => {
+                        return PushFailure::new(
+                            FailureKind::Timeout,
+                            &gateway_id,
+                            format!("no response within {request_timeout:?}"),
+                        );
+                    }
+                    Some(d) => tokio::time::sleep_until(d).await,
+                }
+            }
+        };
+
+        let end = tokio::select! {
+            end = writer => end,
+            result = reader => match result {
+                Ok(never) => match never {},
+                Err(failure) => SessionEnd::Broken(failure),
+            },
+            failure = watchdog => SessionEnd::Broken(failure),
+        };
+        if let SessionEnd::Broken(failure) = &end {
+            inflight.lock().expect("in-flight lock").fail_all(failure);
+        }
+        (end, answered)
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    }
+}

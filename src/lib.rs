@@ -1,0 +1,310 @@
+//! resonance-task: the write fan-out of Resonance IM.
+//!
+//! A `PushEvent` arrives on NATS (`consumer`), its session's members are read
+//! from SQL and their routes from Redis (`store`), the routes are grouped per
+//! gateway (`dispatch`), each gateway's address comes from a watched etcd
+//! registry (`registry`), and the pushes go over pooled long-lived gRPC
+//! streams (`gateway`). [`run`] wires these together; `main` only parses the
+//! command line.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod config;
+pub mod consumer;
+pub mod dispatch;
+pub mod gateway;
+pub mod proto;
+pub mod registry;
+pub mod store;
+pub mod telemetry;
+pub mod tools;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, ConsumerMode, NatsConfig};
+use crate::consumer::{EventHandler, RetryPolicy, Tally};
+use crate::dispatch::Dispatcher;
+use crate::gateway::GatewayPool;
+use crate::registry::GatewayRegistry;
+use crate::store::{MemberStore, ProgressStore, RedisClient, RouteStore};
+use crate::telemetry::admin::Readiness;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Admin(#[from] telemetry::admin::AdminError),
+    #[error(transparent)]
+    Database(#[from] store::DatabaseError),
+    #[error("NATS core subscription: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// Connects to NATS with the configured identity. Reconnects forever after
+/// the first connection.
+pub async fn connect_nats(
+    cfg: &NatsConfig,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    connect_nats_with(cfg, name, None).await
+}
+
+/// [`connect_nats`], keeping `readiness` and the reconnect counter current.
+pub async fn connect_nats_with(
+    cfg: &NatsConfig,
+    name: &str,
+    readiness: Option<Arc<Readiness>>,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(cfg.connect_timeout)
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let readiness = readiness.clone();
+            async move {
+                let connected = |up: bool| {
+                    if let Some(r) = &readiness {
+                        Readiness::set(&r.nats_connected, up);
+                    }
+                };
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS connected");
+                        metrics::counter!(telemetry::metrics::RECONNECTS, "dependency" => "nats")
+                            .increment(1);
+                        connected(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; reconnecting");
+                        connected(false);
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        });
+    if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_string());
+    }
+    options.connect(cfg.url.as_str()).await
+}
+
+/// Retries `attempt` with backoff until it succeeds or `cancel` fires
+/// (`None`). Each failure is logged with `what`, so a dependency that is
+/// down at start-up is named in the log while the pod waits for it.
+pub async fn until_ready<T, E, F, Fut>(
+    what: &str,
+    cancel: &CancellationToken,
+    mut attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = attempt() => r,
+        };
+        match result {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(dependency = what, error = %e, retry_in = ?delay, "dependency not ready");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `readiness.database_reachable` current with a cheap query every
+/// few seconds.
+async fn watch_database(pool: sqlx::AnyPool, readiness: Arc<Readiness>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let probe = sqlx::query("SELECT 1").execute(&pool);
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(2), probe).await,
+            Ok(Ok(_))
+        );
+        Readiness::set(&readiness.database_reachable, up);
+    }
+}
+
+/// Runs the task service until `shutdown` resolves: stop intake, let
+/// in-flight events finish (up to a grace period), close gateway streams.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let cancel = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    telemetry::metrics::describe();
+    let readiness = Arc::new(Readiness::default());
+    if config.admin.enabled {
+        telemetry::admin::serve(
+            config.admin.listen,
+            readiness.clone(),
+            &tracker,
+            cancel.clone(),
+        )
+        .await?;
+    }
+    let serve = serve(&config, &cancel, &abort, &tracker, readiness);
+    tokio::pin!(serve);
+    let result = tokio::select! {
+        r = &mut serve => r,
+        _ = shutdown => {
+            cancel.cancel();
+            serve.await
+        }
+    };
+    cancel.cancel();
+    tracker.close();
+    let grace = config.consumer.shutdown_grace;
+    tracing::info!(?grace, "shutting down: finishing in-flight events");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        // Hand what is left back to NATS so another pod takes it now rather
+        // than after ack_wait.
+        abort.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some in-flight events could not be handed back; NATS redelivers them after ack_wait"
+            );
+        }
+    }
+    if let Ok(Some(nats)) = &result {
+        // NATS may be gone too; do not wait for it forever.
+        match tokio::time::timeout(Duration::from_secs(5), nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing acks to NATS failed"),
+            Err(_) => {
+                tracing::warn!("flushing acks to NATS timed out; unflushed acks mean redeliveries")
+            }
+        }
+    }
+    tracing::info!("stopped");
+    result.map(|_| ())
+}
+
+/// Connects the dependencies, then consumes until `cancel` fires. Returns
+/// the NATS client (to flush acks) unless shutdown came before it connected.
+async fn serve(
+    config: &Config,
+    cancel: &CancellationToken,
+    abort: &CancellationToken,
+    tracker: &TaskTracker,
+    readiness: Arc<Readiness>,
+) -> Result<Option<async_nats::Client>, RunError> {
+    let Some((pool, dialect)) = until_ready("database", cancel, || {
+        store::connect_database(&config.database)
+    })
+    .await
+    else {
+        return Ok(None);
+    };
+    if config.database.migrates_on_start() {
+        store::migrate(&pool, dialect, &config.database).await?;
+    }
+    tracker.spawn(watch_database(
+        pool.clone(),
+        readiness.clone(),
+        cancel.clone(),
+    ));
+    let members = MemberStore::new(pool, dialect).with_cache(
+        config.dispatch.member_cache_ttl,
+        config.dispatch.member_cache_capacity,
+    );
+    let Some(redis) = until_ready("redis", cancel, || RedisClient::connect(&config.redis)).await
+    else {
+        return Ok(None);
+    };
+    let progress = config.dedup.enabled.then(|| {
+        // A crashed handler's claim lapses by the time NATS redelivers.
+        let lease = config.consumer.ack_wait;
+        ProgressStore::new(
+            redis.clone(),
+            config.dedup.progress_ttl,
+            config.dedup.window,
+            lease,
+        )
+    });
+    let routes = RouteStore::new(
+        redis,
+        config.dispatch.route_chunk_size,
+        config.dispatch.route_concurrency,
+    );
+    let registry = GatewayRegistry::spawn(config, tracker, cancel.clone());
+    tokio::select! {
+        _ = cancel.cancelled() => return Ok(None),
+        _ = registry.wait_synced() => {}
+    }
+    Readiness::set(&readiness.registry_synced, true);
+    let gateways = GatewayPool::new(config.gateway.clone(), tracker.clone());
+    let dispatcher = Dispatcher::new(
+        members,
+        routes,
+        registry,
+        gateways,
+        progress,
+        config.dispatch.clone(),
+    );
+    let tally = Tally::default();
+    tracker.spawn(tally.clone().report_until(cancel.clone()));
+    let retry = RetryPolicy {
+        max_retry: config.consumer.max_retry,
+        retry_interval: config.consumer.retry_interval,
+    };
+    let handler = Arc::new(EventHandler::new(dispatcher, retry, tally));
+    let Some(nats) = until_ready("nats", cancel, || {
+        connect_nats_with(&config.nats, &config.service.name, Some(readiness.clone()))
+    })
+    .await
+    else {
+        return Ok(None);
+    };
+    match config.consumer.mode {
+        ConsumerMode::Jetstream => {
+            let shutdown = consumer::jetstream::Shutdown {
+                stop: cancel.clone(),
+                abort: abort.clone(),
+                readiness: readiness.clone(),
+            };
+            consumer::jetstream::run(
+                nats.clone(),
+                config.consumer.clone(),
+                handler,
+                shutdown,
+                tracker.clone(),
+            )
+            .await;
+        }
+        ConsumerMode::Core => {
+            consumer::core::run(
+                nats.clone(),
+                config.consumer.clone(),
+                handler,
+                cancel.clone(),
+                tracker.clone(),
+                readiness.clone(),
+            )
+            .await?;
+        }
+    }
+    Ok(Some(nats))
+}

@@ -1,0 +1,204 @@
+//! Session membership from `t_session_member` (contract section 5), read
+//! with one indexed query per event; and the writes the seed tool and tests
+//! use to create sessions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr, SqlStr};
+
+use super::database::Dialect;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("reading members of session {session_id}: {cause}")]
+    Query {
+        session_id: String,
+        cause: sqlx::Error,
+    },
+    #[error("writing session {session_id}: {cause}")]
+    Write {
+        session_id: String,
+        cause: sqlx::Error,
+    },
+}
+
+/// A session to create, with its members (`seed` and tests).
+#[derive(Debug, Clone)]
+pub struct SessionSeed {
+    pub session_id: String,
+    /// 1 = single, 2 = group.
+    pub kind: i16,
+    pub name: String,
+    pub owner: String,
+    pub members: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct MemberStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    select_members: SqlStr,
+    cache: Option<MemberCache>,
+}
+
+/// Session members kept in-process for a short TTL, bounded by the number
+/// of members held; hits and misses feed the hit-ratio gauge.
+#[derive(Clone)]
+struct MemberCache {
+    entries: moka::future::Cache<String, Arc<Vec<String>>>,
+    hits: Arc<AtomicU64>,
+    misses: Arc<AtomicU64>,
+}
+
+impl MemberCache {
+    fn observe(&self, hit: bool) {
+        let (h, m) = if hit {
+            (
+                self.hits.fetch_add(1, Ordering::Relaxed) + 1,
+                self.misses.load(Ordering::Relaxed),
+            )
+        } else {
+            (
+                self.hits.load(Ordering::Relaxed),
+                self.misses.fetch_add(1, Ordering::Relaxed) + 1,
+            )
+        };
+        metrics::gauge!(crate::telemetry::metrics::MEMBER_CACHE_HIT_RATIO)
+            .set(h as f64 / (h + m) as f64);
+    }
+}
+
+/// Rows per multi-row insert: below every dialect's bind-parameter limit.
+const INSERT_ROWS: usize = 200;
+
+impl MemberStore {
+    pub fn new(pool: AnyPool, dialect: Dialect) -> Self {
+        // Built from fixed text and placeholders only: no input reaches SQL.
+        let select_members = AssertSqlSafe(format!(
+            "SELECT username FROM t_session_member WHERE session_id = {}",
+            dialect.placeholder(1)
+        ))
+        .into_sql_str();
+        Self {
+            pool,
+            dialect,
+            select_members,
+            cache: None,
+        }
+    }
+
+    /// Caches members for `ttl` (zero turns the cache off), holding at most
+    /// `capacity` members over all sessions.
+    pub fn with_cache(mut self, ttl: Duration, capacity: u64) -> Self {
+        if ttl.is_zero() {
+            self.cache = None;
+            return self;
+        }
+        let entries = moka::future::Cache::builder()
+            .time_to_live(ttl)
+            .max_capacity(capacity)
+            .weigher(|_, members: &Arc<Vec<String>>| {
+                members.len().clamp(1, u32::MAX as usize) as u32
+            })
+            .build();
+        self.cache = Some(MemberCache {
+            entries,
+            hits: Arc::default(),
+            misses: Arc::default(),
+        });
+        self
+    }
+
+    /// Usernames of every member of `session_id` (empty if none), from the
+    /// cache when it has them.
+    pub async fn members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {
+        let Some(cache) = &self.cache else {
+            return self.query_members(session_id).await;
+        };
+        if let Some(hit) = cache.entries.get(session_id).await {
+            cache.observe(true);
+            return Ok(hit.as_ref().clone());
+        }
+        cache.observe(false);
+        let members = self.query_members(session_id).await?;
+        cache
+            .entries
+            .insert(session_id.to_string(), Arc::new(members.clone()))
+            .await;
+        Ok(members)
+    }
+
+    async fn query_members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {
+        let rows = sqlx::query(self.select_members.clone())
+            .bind(session_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|cause| MemberError::Query {
+                session_id: session_id.to_string(),
+                cause,
+            })?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()
+            .map_err(|cause| MemberError::Query {
+                session_id: session_id.to_string(),
+                cause,
+            })
+    }
+
+    /// Creates the session and adds its members; existing rows are kept.
+    pub async fn create_session(&self, seed: &SessionSeed) -> Result<(), MemberError> {
+        let err = |cause| MemberError::Write {
+            session_id: seed.session_id.clone(),
+            cause,
+        };
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let insert_session = self.dialect.insert_ignore(
+            "t_session",
+            &["session_id", "type", "name", "owner_username"],
+            1,
+        );
+        sqlx::query(AssertSqlSafe(insert_session))
+            .bind(&seed.session_id)
+            .bind(seed.kind)
+            .bind(&seed.name)
+            .bind(&seed.owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        for chunk in seed.members.chunks(INSERT_ROWS) {
+            let sql = self.dialect.insert_ignore(
+                "t_session_member",
+                &["session_id", "username", "role"],
+                chunk.len(),
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for member in chunk {
+                let role: i16 = if *member == seed.owner { 1 } else { 0 };
+                q = q.bind(&seed.session_id).bind(member).bind(role);
+            }
+            q.execute(&mut *tx).await.map_err(err)?;
+        }
+        tx.commit().await.map_err(err)
+    }
+
+    /// Every session id, oldest first (used by the workload tool).
+    pub async fn session_ids(&self) -> Result<Vec<String>, MemberError> {
+        let rows = sqlx::query("SELECT session_id FROM t_session ORDER BY session_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|cause| MemberError::Query {
+                session_id: "*".into(),
+                cause,
+            })?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()
+            .map_err(|cause| MemberError::Query {
+                session_id: "*".into(),
+                cause,
+            })
+    }
+}

@@ -1,0 +1,149 @@
+//! Per-event delivery progress in Redis, so a redelivered event (after a
+//! partial failure, a pod crash or a publisher's duplicate) reaches nobody
+//! twice.
+//!
+//! While an event is in flight, `resonance:task:{<msg_id>}:delivered` is a
+//! set of the recipients a gateway confirmed, written after every gateway
+//! batch and kept for `dedup.progress_ttl`. When the event settles,
+//! `resonance:task:{<msg_id>}:settled` is set for `dedup.window` and the set
+//! is dropped: a later copy of the same msg_id is acked without pushing.
+//!
+//! `resonance:task:{<msg_id>}:lease` is a claim: whoever handles the event
+//! sets it (NX, with a TTL), so two deliveries of one event (a NATS restart
+//! that rolls consumer state back, an ack_wait that ran out) are never fanned
+//! out at the same time; the second one is handed back and finds the event
+//! settled, or its progress, when it comes again.
+//!
+//! All keys share the `{msg_id}` hash tag, so they live in one Redis Cluster
+//! slot and pipeline together: claiming and reading progress is one round
+//! trip.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::redis::{RedisClient, RedisError};
+
+pub fn delivered_key(msg_id: i64) -> String {
+    format!("resonance:task:{{{msg_id}}}:delivered")
+}
+
+pub fn settled_key(msg_id: i64) -> String {
+    format!("resonance:task:{{{msg_id}}}:settled")
+}
+
+pub fn lease_key(msg_id: i64) -> String {
+    format!("resonance:task:{{{msg_id}}}:lease")
+}
+
+/// Deletes the lease only if it is still ours.
+const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// What is known about an event before its fan-out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The event settled before: this is a duplicate.
+    pub settled: bool,
+    /// Another handler holds the event right now.
+    pub busy: bool,
+    /// Recipients already delivered by an earlier attempt.
+    pub delivered: HashSet<String>,
+}
+
+#[derive(Clone)]
+pub struct ProgressStore {
+    redis: RedisClient,
+    progress_ttl: Duration,
+    window: Duration,
+    lease_ttl: Duration,
+}
+
+impl ProgressStore {
+    /// `lease_ttl` bounds how long a crashed handler's claim blocks others.
+    pub fn new(
+        redis: RedisClient,
+        progress_ttl: Duration,
+        window: Duration,
+        lease_ttl: Duration,
+    ) -> Self {
+        Self {
+            redis,
+            progress_ttl,
+            window,
+            lease_ttl,
+        }
+    }
+
+    /// One round trip: claims the event for `token`, and reads whether it
+    /// settled before and whom it reached.
+    pub async fn claim(&self, msg_id: i64, token: &str) -> Result<Progress, RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(lease_key(msg_id))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.lease_ttl.as_millis() as u64)
+            .exists(settled_key(msg_id))
+            .smembers(delivered_key(msg_id));
+        let (claimed, settled, delivered): (Option<String>, bool, HashSet<String>) =
+            self.redis.pipeline(&pipe).await?;
+        Ok(Progress {
+            settled,
+            busy: claimed.is_none(),
+            delivered,
+        })
+    }
+
+    /// Records recipients a gateway confirmed.
+    pub async fn record(&self, msg_id: i64, users: &[String]) -> Result<(), RedisError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let key = delivered_key(msg_id);
+        let mut pipe = redis::pipe();
+        pipe.sadd(&key, users)
+            .ignore()
+            .pexpire(&key, self.progress_ttl.as_millis() as i64)
+            .ignore();
+        self.redis.pipeline::<()>(&pipe).await
+    }
+
+    /// Ends `token`'s claim; when `settled`, also marks the event settled
+    /// and drops its per-recipient progress.
+    pub async fn finish(&self, msg_id: i64, token: &str, settled: bool) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        if settled {
+            pipe.cmd("SET")
+                .arg(settled_key(msg_id))
+                .arg(1)
+                .arg("PX")
+                .arg(self.window.as_millis() as u64)
+                .ignore()
+                .del(delivered_key(msg_id))
+                .ignore();
+        }
+        pipe.cmd("EVAL")
+            .arg(RELEASE)
+            .arg(1)
+            .arg(lease_key(msg_id))
+            .arg(token)
+            .ignore();
+        self.redis.pipeline::<()>(&pipe).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Redis Cluster hashes only what is inside the first `{...}`, so both
+    /// keys of one event land in one slot.
+    #[test]
+    fn keys_share_a_hash_tag() {
+        assert_eq!(delivered_key(42), "resonance:task:{42}:delivered");
+        assert_eq!(settled_key(42), "resonance:task:{42}:settled");
+        let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_string();
+        assert_eq!(tag(&delivered_key(7)), tag(&settled_key(7)));
+        assert_eq!(tag(&lease_key(7)), tag(&settled_key(7)));
+    }
+}

@@ -1,0 +1,176 @@
+//! One Redis handle for a standalone server or a Redis Cluster, chosen by
+//! `redis.cluster_addrs`. Both variants multiplex many concurrent commands
+//! on few connections and reconnect on their own; a command issued while
+//! Redis is down fails fast instead of queueing without bound.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, Pipeline};
+
+use crate::config::RedisConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis address `{addr}` is not host:port")]
+    Address { addr: String },
+    #[error("redis {addr}: {cause}")]
+    Redis {
+        addr: String,
+        cause: redis::RedisError,
+    },
+}
+
+#[derive(Clone)]
+enum Handle {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+#[derive(Clone)]
+pub struct RedisClient {
+    handle: Handle,
+    /// For error messages.
+    addr: String,
+}
+
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn host_port(addr: &str) -> Result<(String, u16), RedisError> {
+    let addr = addr
+        .trim()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/');
+    let bad = || RedisError::Address {
+        addr: addr.to_string(),
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+impl RedisClient {
+    pub async fn connect(cfg: &RedisConfig) -> Result<Self, RedisError> {
+        if cfg.cluster_addrs.is_empty() {
+            Self::connect_standalone(cfg).await
+        } else {
+            Self::connect_cluster(cfg).await
+        }
+    }
+
+    async fn connect_standalone(cfg: &RedisConfig) -> Result<Self, RedisError> {
+        let addr = cfg.addr.clone();
+        let err = |cause| RedisError::Redis {
+            addr: addr.clone(),
+            cause,
+        };
+        let (host, port) = host_port(&cfg.addr)?;
+        let info = ConnectionAddr::Tcp(host, port)
+            .into_connection_info()
+            .map_err(err)?;
+        let mut settings = info.redis_settings().clone().set_db(cfg.db);
+        if let Some(user) = &cfg.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &cfg.password {
+            settings = settings.set_password(password.expose());
+        }
+        let info = info.set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(err)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(err)?;
+        Ok(Self {
+            handle: Handle::Standalone(manager),
+            addr,
+        })
+    }
+
+    async fn connect_cluster(cfg: &RedisConfig) -> Result<Self, RedisError> {
+        let addr = cfg.cluster_addrs.join(",");
+        let err = |cause| RedisError::Redis {
+            addr: addr.clone(),
+            cause,
+        };
+        let mut nodes = Vec::new();
+        for a in &cfg.cluster_addrs {
+            let (host, port) = host_port(a)?;
+            nodes.push(
+                ConnectionAddr::Tcp(host, port)
+                    .into_connection_info()
+                    .map_err(err)?,
+            );
+        }
+        let mut builder = ClusterClientBuilder::new(nodes)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT);
+        if let Some(user) = &cfg.username {
+            builder = builder.username(user);
+        }
+        if let Some(password) = &cfg.password {
+            builder = builder.password(password.expose());
+        }
+        let client = builder.build().map_err(err)?;
+        let conn = client.get_async_connection().await.map_err(err)?;
+        Ok(Self {
+            handle: Handle::Cluster(conn),
+            addr,
+        })
+    }
+
+    fn err(&self, cause: redis::RedisError) -> RedisError {
+        RedisError::Redis {
+            addr: self.addr.clone(),
+            cause,
+        }
+    }
+
+    /// Runs one command. Multi-key commands (MGET) on a cluster are split by
+    /// slot and merged by the cluster client.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
+        let result = match &self.handle {
+            Handle::Standalone(c) => cmd.query_async(&mut c.clone()).await,
+            Handle::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        };
+        result.map_err(|e| self.err(e))
+    }
+
+    /// Runs a pipeline; on a cluster every key of it must share one slot.
+    pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, RedisError> {
+        let result = match &self.handle {
+            Handle::Standalone(c) => pipe.query_async(&mut c.clone()).await,
+            Handle::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        };
+        result.map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            host_port("127.0.0.1:6379").unwrap(),
+            ("127.0.0.1".into(), 6379)
+        );
+        assert_eq!(host_port("redis://h:1/").unwrap(), ("h".into(), 1));
+        assert_eq!(host_port("[::1]:7000").unwrap(), ("::1".into(), 7000));
+        assert!(host_port("nohost").is_err());
+        assert!(host_port(":1").is_err());
+        assert!(host_port("h:port").is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! Private servers for the tools that need a whole local stack (chaos run,
+//! benchmark) and for the integration tests: `nats-server -js`, `etcd` and
+//! `redis-server` processes on free loopback ports, each with its own
+//! temporary directory, that can be killed (SIGKILL), stopped for a while
+//! (SIGSTOP) and restarted on the same port with the same data.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+/// How long a server gets to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("starting {what} ({program}): {cause}; it comes from: {package}")]
+    Spawn {
+        what: &'static str,
+        program: String,
+        package: &'static str,
+        cause: std::io::Error,
+    },
+    #[error("{what} exited before listening on port {port}: {status}")]
+    Exited {
+        what: &'static str,
+        port: u16,
+        status: std::process::ExitStatus,
+    },
+    #[error("{what} did not serve on port {port} within {START_TIMEOUT:?}")]
+    Timeout { what: &'static str, port: u16 },
+    #[error("temporary directory: {0}")]
+    TempDir(std::io::Error),
+}
+
+/// A free loopback port (the OS picks it; it is free when this returns).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the OS hands out an ephemeral port")
+}
+
+/// A server process owned by the caller; killed when dropped.
+pub struct LocalServer {
+    what: &'static str,
+    program: String,
+    package: &'static str,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    /// The port it listens on; 0 for a process that listens on nothing.
+    pub port: u16,
+    /// An HTTP path on `port` that answers 200 once the server serves
+    /// requests; without one, accepting a TCP connection counts as ready.
+    health: Option<&'static str>,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl LocalServer {
+    async fn spawn(
+        what: &'static str,
+        program: &'static str,
+        package: &'static str,
+        args: impl FnOnce(&TempDir, u16) -> Vec<String>,
+    ) -> Result<Self, StackError> {
+        Self::spawn_checked(what, program, package, None, args).await
+    }
+
+    async fn spawn_checked(
+        what: &'static str,
+        program: &'static str,
+        package: &'static str,
+        health: Option<&'static str>,
+        args: impl FnOnce(&TempDir, u16) -> Vec<String>,
+    ) -> Result<Self, StackError> {
+        let dir = tempfile::tempdir().map_err(StackError::TempDir)?;
+        let port = free_port();
+        let mut server = Self {
+            what,
+            program: program.to_string(),
+            package,
+            args: args(&dir, port),
+            envs: Vec::new(),
+            port,
+            health,
+            child: None,
+            dir,
+        };
+        server.start().await?;
+        Ok(server)
+    }
+
+    /// Any program, e.g. this project's own binary as a pod or gateway;
+    /// waits for `port` to listen unless it is 0.
+    pub async fn process(
+        what: &'static str,
+        program: impl Into<String>,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+        port: u16,
+    ) -> Result<Self, StackError> {
+        let mut server = Self {
+            what,
+            program: program.into(),
+            package: "(this project)",
+            args,
+            envs,
+            port,
+            health: None,
+            child: None,
+            dir: tempfile::tempdir().map_err(StackError::TempDir)?,
+        };
+        server.start().await?;
+        Ok(server)
+    }
+
+    /// Where the process writes its stderr.
+    pub fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join(format!("{}.log", self.what))
+    }
+
+    /// Starts the process (again) with the same port and data directory and
+    /// waits until it listens.
+    pub async fn start(&mut self) -> Result<(), StackError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(StackError::TempDir)?;
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|cause| StackError::Spawn {
+                what: self.what,
+                program: self.program.clone(),
+                package: self.package,
+                cause,
+            })?;
+        if self.port == 0 {
+            self.child = Some(child);
+            return Ok(());
+        }
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if self.serves(addr).await {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(StackError::Exited {
+                    what: self.what,
+                    port: self.port,
+                    status,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                return Err(StackError::Timeout {
+                    what: self.what,
+                    port: self.port,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn serves(&self, addr: SocketAddr) -> bool {
+        let Some(path) = self.health else {
+            return tokio::net::TcpStream::connect(addr).await.is_ok();
+        };
+        let probe = reqwest::Client::new()
+            .get(format!("http://{addr}{path}"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        matches!(probe, Ok(r) if r.status().is_success())
+    }
+
+    /// SIGKILLs the process; its data directory stays.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERMs the process and waits for it to exit (SIGKILL after 10 s).
+    pub async fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = signal(c.id(), "TERM");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while c.try_wait().ok().flatten().is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                let _ = c.kill();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = c.wait();
+    }
+
+    pub async fn restart(&mut self) -> Result<(), StackError> {
+        self.kill();
+        self.start().await
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn nats_server() -> Result<LocalServer, StackError> {
+    LocalServer::spawn("nats-server", "nats-server", "nats-server", |dir, port| {
+        vec![
+            "-js".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-sd".into(),
+            dir.path().join("jetstream").display().to_string(),
+        ]
+    })
+    .await
+}
+
+pub async fn etcd_server() -> Result<LocalServer, StackError> {
+    let peer = free_port();
+    // etcd accepts connections before it has a leader and drops requests
+    // made then; /health answers 200 only once it serves.
+    LocalServer::spawn_checked(
+        "etcd",
+        "etcd",
+        "etcd-server",
+        Some("/health"),
+        move |dir, port| {
+            let client = format!("http://127.0.0.1:{port}");
+            let peer = format!("http://127.0.0.1:{peer}");
+            vec![
+                "--name".into(),
+                "local".into(),
+                "--data-dir".into(),
+                dir.path().join("data").display().to_string(),
+                "--listen-client-urls".into(),
+                client.clone(),
+                "--advertise-client-urls".into(),
+                client,
+                "--listen-peer-urls".into(),
+                peer.clone(),
+                "--initial-advertise-peer-urls".into(),
+                peer.clone(),
+                "--initial-cluster".into(),
+                format!("local={peer}"),
+            ]
+        },
+    )
+    .await
+}
+
+pub async fn redis_server() -> Result<LocalServer, StackError> {
+    redis_with(false).await
+}
+
+/// A Redis that keeps its data across a graceful restart (append-only file).
+pub async fn redis_server_persistent() -> Result<LocalServer, StackError> {
+    redis_with(true).await
+}
+
+async fn redis_with(persistent: bool) -> Result<LocalServer, StackError> {
+    LocalServer::spawn(
+        "redis-server",
+        "redis-server",
+        "redis-server",
+        move |dir, port| {
+            vec![
+                "--port".into(),
+                port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--save".into(),
+                String::new(),
+                "--appendonly".into(),
+                if persistent { "yes" } else { "no" }.into(),
+                "--dir".into(),
+                dir.path().display().to_string(),
+            ]
+        },
+    )
+    .await
+}
+
+/// Pauses (SIGSTOP) or resumes (SIGCONT) a process: a stalled server keeps
+/// its connections open but answers nothing.
+pub fn signal(pid: u32, signal: &str) -> std::io::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "kill -{signal} {pid}: {status}"
+        )))
+    }
+}

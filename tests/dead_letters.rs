@@ -1,0 +1,114 @@
+//! Dead letters: poison and exhausted events land in the dead-letter stream
+//! with reason, deliveries and last error; `dlq list` shows them and
+//! `dlq replay` brings one back to be delivered.
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use resonance_task::tools::dlq::{self, Selection};
+use resonance_task::tools::fault_proxy::ProxyMode;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_exhausted_events_are_dead_lettered_listed_and_replayed() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let (g1, proxy) = stack.gateway_behind_proxy("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let mut config = stack.config();
+    config.consumer.max_deliver = 2;
+    config.consumer.max_retry = 0;
+    config.consumer.retry_interval = Duration::from_millis(100);
+    config.consumer.retry_backoff_max = Duration::from_millis(100);
+    let nats = stack.nats().await;
+    proxy.set(ProxyMode::Cut);
+    let pod = Pod::start(config.clone());
+    wait_consuming(&nats, &config).await;
+
+    nats.publish(config.consumer.topic.clone(), vec![0xff, 0x00, 0x13].into())
+        .await
+        .unwrap();
+    publish(&nats, &config.consumer.topic, &event(0, "g", "a")).await;
+    publish(&nats, &config.consumer.topic, &event(5, "g", "a")).await;
+    wait_settled(&nats, &config).await;
+
+    let js = jetstream::new(nats.clone());
+    let letters = dlq::list(&js, &config.consumer).await.unwrap();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let undecodable = letters
+        .iter()
+        .find(|l| l.reason.contains("undecodable"))
+        .expect("garbage");
+    assert_eq!(undecodable.deliveries, 1, "never retried");
+    let invalid = letters
+        .iter()
+        .find(|l| l.reason.contains("msg_id 0"))
+        .expect("invalid");
+    assert_eq!(invalid.deliveries, 1);
+    let exhausted = letters
+        .iter()
+        .find(|l| l.msg_id == Some(5))
+        .expect("exhausted");
+    assert_eq!(exhausted.deliveries, 2);
+    assert!(
+        exhausted.reason.contains("gave up after 2 deliveries"),
+        "{}",
+        exhausted.reason
+    );
+    assert!(
+        exhausted.last_error.contains("gateway-001"),
+        "{}",
+        exhausted.last_error
+    );
+    assert!(exhausted.source_seq.is_some());
+    assert_eq!(g1.ledger.count("b", 5), 0);
+
+    // The table the CLI prints names every reason.
+    let text = dlq::to_text(&letters);
+    assert!(
+        text.contains("3 dead letters") && text.contains("gave up after"),
+        "{text}"
+    );
+
+    // The gateway is back; a pod with the everyday max_deliver (the durable
+    // consumer's settings are updated to match) takes the replay.
+    proxy.set(ProxyMode::Pass);
+    pod.stop().await;
+    config.consumer.max_deliver = 10;
+    let pod = Pod::start(config.clone());
+    eventually("consumer settings updated", || async {
+        consumer_info(&nats, &config).await.config.max_deliver == 10
+    })
+    .await;
+    let replayed = dlq::replay(
+        &js,
+        &config.consumer,
+        &Selection::Sequences(vec![exhausted.seq]),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed, vec![exhausted.seq]);
+    eventually("replayed event delivered", || async {
+        g1.ledger.count("b", 5) == 1 && g1.ledger.count("a", 5) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    let left = dlq::list(&js, &config.consumer).await.unwrap();
+    assert_eq!(left.len(), 2, "the replayed letter was removed");
+    assert!(
+        dlq::replay(
+            &js,
+            &config.consumer,
+            &Selection::Sequences(vec![exhausted.seq]),
+            false
+        )
+        .await
+        .is_err()
+    );
+    pod.stop().await;
+    g1.stop().await;
+}

@@ -1,0 +1,528 @@
+//! The whole data path on real servers: PushEvent on NATS -> members (SQL)
+//! -> routes (Redis) -> registry (etcd) -> reference gateways over gRPC.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use resonance_task::config::ConsumerMode;
+use resonance_task::consumer::dead_letter::{HEADER_DELIVERIES, HEADER_REASON};
+use resonance_task::store::{RedisClient, Route, RouteStore};
+
+use common::*;
+
+/// One-to-one and group sessions: each online member gets each message
+/// exactly once; offline members (no route, stale route, unknown gateway)
+/// never do, and the events are still acked.
+async fn delivers_exactly_once_to_online_members(db: TestDb) {
+    let stack = Stack::with_db(db).await;
+    let store = stack.db.member_store().await;
+    // g2 holds "frank" but his route is removed: he is offline and must not
+    // be pushed to. "gina" has a route to g1, which does not hold her.
+    let g1 = stack
+        .gateway("gateway-001", &["alice", "bob", "carol"])
+        .await;
+    let g2 = stack
+        .gateway("gateway-002", &["dave", "erin", "frank"])
+        .await;
+    let routes = RouteStore::new(
+        RedisClient::connect(&stack.config().redis).await.unwrap(),
+        500,
+        4,
+    );
+    routes.remove("frank").await.unwrap();
+    let stale = Route {
+        username: "gina".into(),
+        gateway_id: "gateway-001".into(),
+        remote_ip: String::new(),
+        timestamp: 0,
+    };
+    routes.put(&stale, Duration::from_secs(60)).await.unwrap();
+    let ghost = Route {
+        gateway_id: "gateway-404".into(),
+        username: "hank".into(),
+        ..stale.clone()
+    };
+    routes.put(&ghost, Duration::from_secs(60)).await.unwrap();
+
+    stack.session(&store, "single-1", &["alice", "dave"]).await;
+    stack
+        .session(
+            &store,
+            "group-1",
+            &[
+                "alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan",
+            ],
+        )
+        .await;
+
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+
+    let mut one = event(1, "single-1", "alice");
+    one.session_type = 1;
+    one.to_username = "dave".into();
+    publish(&nats, &config.consumer.topic, &one).await;
+    for id in 2..=21 {
+        publish(&nats, &config.consumer.topic, &event(id, "group-1", "bob")).await;
+    }
+
+    let expect: Vec<(&str, i64)> = [("alice", 1), ("dave", 1)]
+        .into_iter()
+        .chain((2..=21).flat_map(|id| {
+            ["alice", "bob", "carol", "dave", "erin"]
+                .into_iter()
+                .map(move |u| (u, id))
+        }))
+        .collect();
+    let ledgers = [g1.ledger.clone(), g2.ledger.clone()];
+    let count = |u: &str, id: i64| ledgers.iter().map(|l| l.count(u, id)).sum::<u32>();
+    eventually("every online member received every message", || async {
+        expect.iter().all(|(u, id)| count(u, *id) >= 1)
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+
+    for (u, id) in &expect {
+        assert_eq!(count(u, *id), 1, "{u} got msg {id} exactly once");
+    }
+    let delivered: usize = ledgers.iter().map(|l| l.deliveries().len()).sum();
+    assert_eq!(
+        delivered,
+        expect.len(),
+        "nothing beyond the expected deliveries"
+    );
+    for id in 1..=21 {
+        for offline in ["frank", "gina", "hank", "ivan"] {
+            assert_eq!(count(offline, id), 0, "{offline} is offline");
+        }
+    }
+    // The sender's own devices get the message too (push_to_sender).
+    assert_eq!(count("bob", 2), 1);
+    // gina's stale route reached g1, which answered "not connected".
+    assert_eq!(g1.ledger.stats().rejected, 20);
+
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
+    stack.db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_one_to_one_and_group_deliver_exactly_once() {
+    delivers_exactly_once_to_online_members(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_one_to_one_and_group_deliver_exactly_once() {
+    delivers_exactly_once_to_online_members(TestDb::mysql().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_one_to_one_and_group_deliver_exactly_once() {
+    delivers_exactly_once_to_online_members(TestDb::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_is_skipped_when_configured() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b", "c"]).await;
+    stack.session(&store, "g", &["a", "b", "c"]).await;
+    let mut config = stack.config();
+    config.dispatch.push_to_sender = false;
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(5, "g", "a")).await;
+    eventually("others received", || async {
+        g1.ledger.count("b", 5) == 1 && g1.ledger.count("c", 5) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    assert_eq!(g1.ledger.count("a", 5), 0, "the sender is skipped");
+    pod.stop().await;
+    g1.stop().await;
+}
+
+/// A gateway registered after the pod started gets traffic, with no pod
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_after_the_pod_gets_traffic() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b", "c", "d"]).await;
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+
+    publish(&nats, &config.consumer.topic, &event(1, "g", "a")).await;
+    eventually("first message at g1", || async {
+        g1.ledger.count("b", 1) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    assert_eq!(g1.ledger.stats().streams, 1);
+
+    let g2 = stack.gateway("gateway-002", &["c", "d"]).await;
+    // The pod learns of g2 through its etcd watch, a moment after g2 is up:
+    // publish until an event reaches it, each with a new msg_id.
+    let mut id = 1;
+    eventually("the new gateway gets traffic", || {
+        id += 1;
+        let (nats, subject, ledger) = (
+            nats.clone(),
+            config.consumer.topic.clone(),
+            g2.ledger.clone(),
+        );
+        let this = id;
+        async move {
+            publish(&nats, &subject, &event(this, "g", "a")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ledger.count("c", this) == 1
+        }
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    for later in id + 1..=id + 10 {
+        publish(&nats, &config.consumer.topic, &event(later, "g", "a")).await;
+    }
+    eventually("later events reach both gateways", || async {
+        (id + 1..=id + 10).all(|m| g1.ledger.count("b", m) == 1 && g2.ledger.count("d", m) == 1)
+    })
+    .await;
+    assert_eq!(
+        g1.ledger.stats().streams,
+        1,
+        "the pod kept its stream to g1"
+    );
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
+}
+
+/// A gateway removed from the registry stops getting traffic even though
+/// it still runs and routes still name it: its users count as offline and
+/// the events are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_gateway_stops_getting_traffic() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    let mut g2 = stack.gateway("gateway-002", &["c", "d"]).await;
+    stack.session(&store, "g", &["a", "b", "c", "d"]).await;
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "g", "a")).await;
+    eventually("both gateways reached", || async {
+        g1.ledger.count("b", 1) == 1 && g2.ledger.count("c", 1) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+
+    g2.deregister().await;
+    // Once one event reached g1 but not g2, the pod's registry has dropped
+    // g2 (a watch never goes back in time); from then on g2 gets nothing.
+    let mut id = 1;
+    eventually("an event skips the removed gateway", || {
+        id += 1;
+        let (nats, subject) = (nats.clone(), config.consumer.topic.clone());
+        let (l1, l2) = (g1.ledger.clone(), g2.ledger.clone());
+        let this = id;
+        async move {
+            publish(&nats, &subject, &event(this, "g", "a")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            l1.count("b", this) == 1 && l2.count("c", this) == 0
+        }
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    let received_before = g2.ledger.stats().received;
+    for later in id + 1..=id + 20 {
+        publish(&nats, &config.consumer.topic, &event(later, "g", "a")).await;
+    }
+    eventually("g1 still served", || async {
+        (id + 1..=id + 20).all(|m| g1.ledger.count("b", m) == 1)
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    assert_eq!(
+        g2.ledger.stats().received,
+        received_before,
+        "no traffic to the removed gateway"
+    );
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
+}
+
+/// A gateway that restarts (new process, new port, same gateway_id) gets
+/// traffic again; events published while it was down are not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_gateway_gets_traffic_again_and_nothing_is_lost() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "g", "a")).await;
+    eventually("delivered before restart", || async {
+        g1.ledger.count("b", 1) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+
+    // Down hard: the process is gone but its registry entry and routes
+    // stay, as after a crash. Pushes fail and the event is retried.
+    let mut opts = stack.gateway_options("gateway-001", &["a", "b"]);
+    let port = g1.grpc_addr.port();
+    g1.crash().await;
+    publish(&nats, &config.consumer.topic, &event(2, "g", "a")).await;
+
+    opts.grpc_listen = ([127, 0, 0, 1], port).into();
+    let g1 = ReferenceGatewayRetry::start(opts).await;
+    eventually("delivered after restart", || async {
+        g1.ledger.count("b", 2) == 1 && g1.ledger.count("a", 2) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    publish(&nats, &config.consumer.topic, &event(3, "g", "a")).await;
+    eventually("new traffic after restart", || async {
+        g1.ledger.count("b", 3) == 1
+    })
+    .await;
+    pod.stop().await;
+    g1.stop().await;
+}
+
+/// Starting a gateway on a port its previous process just released may
+/// briefly fail to bind; retry until it binds.
+struct ReferenceGatewayRetry;
+
+impl ReferenceGatewayRetry {
+    async fn start(
+        opts: resonance_task::gateway::reference::ReferenceGatewayOptions,
+    ) -> resonance_task::gateway::reference::ReferenceGateway {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match resonance_task::gateway::reference::ReferenceGateway::start(opts.clone()).await {
+                Ok(g) => return g,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("gateway restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("gateway did not restart: {e}"),
+            }
+        }
+    }
+}
+
+/// Garbage does not wedge the consumer: it is dead-lettered with its reason
+/// and the events behind it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_payload_is_dead_lettered_and_does_not_wedge() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+
+    let garbage: &[u8] = &[0xff, 0xff, 0xff, 0x01, 0x02];
+    nats.publish(config.consumer.topic.clone(), garbage.to_vec().into())
+        .await
+        .unwrap();
+    let mut invalid = event(7, "", "a");
+    invalid.session_id.clear();
+    publish(&nats, &config.consumer.topic, &invalid).await;
+    publish(&nats, &config.consumer.topic, &event(8, "g", "a")).await;
+
+    eventually("valid event delivered", || async {
+        g1.ledger.count("b", 8) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+
+    let js = jetstream::new(nats.clone());
+    let dead = js
+        .get_stream(&config.consumer.dead_letter_stream)
+        .await
+        .unwrap();
+    let consumer = dead
+        .create_consumer(jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut reasons = Vec::new();
+    let mut payloads = Vec::new();
+    while let Some(m) = batch.next().await {
+        let m = m.unwrap();
+        let h = m.headers.clone().unwrap();
+        reasons.push(h.get(HEADER_REASON).unwrap().to_string());
+        assert_eq!(h.get(HEADER_DELIVERIES).unwrap().as_str(), "1");
+        payloads.push(m.payload.to_vec());
+    }
+    // Workers run concurrently, so dead letters may be stored in any order.
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    let undecodable = reasons
+        .iter()
+        .position(|r| r.contains("undecodable"))
+        .expect("garbage dead-lettered");
+    assert_eq!(payloads[undecodable], garbage, "original bytes kept");
+    assert!(
+        reasons.iter().any(|r| r.contains("session_id is empty")),
+        "{reasons:?}"
+    );
+    pod.stop().await;
+    g1.stop().await;
+}
+
+/// Two pods on one durable consumer share the work: every event is
+/// delivered once in all, and both pods did some of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pods_deliver_each_event_once() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let users: Vec<String> = (0..30).map(|i| format!("u{i}")).collect();
+    let held: Vec<&str> = users.iter().map(String::as_str).collect();
+    let g1 = stack.gateway("gateway-001", &held[..15]).await;
+    let g2 = stack.gateway("gateway-002", &held[15..]).await;
+    stack.session(&store, "big", &held).await;
+    let config = stack.config();
+    let nats = stack.nats().await;
+    let a = Pod::start(config.clone());
+    let b = Pod::start(config.clone());
+    wait_consuming(&nats, &config).await;
+    for id in 1..=200 {
+        publish(&nats, &config.consumer.topic, &event(id, "big", "u0")).await;
+    }
+    let ledgers = [g1.ledger.clone(), g2.ledger.clone()];
+    eventually("all delivered", || async {
+        ledgers.iter().map(|l| l.stats().distinct).sum::<u64>() == 200 * 30
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    let dups: u64 = ledgers.iter().map(|l| l.stats().duplicates).sum();
+    assert_eq!(dups, 0);
+    a.stop().await;
+    b.stop().await;
+    g1.stop().await;
+    g2.stop().await;
+}
+
+/// Legacy core mode: a queue-group subscription delivers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_mode_delivers() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let mut config = stack.config();
+    config.consumer.mode = ConsumerMode::Core;
+    let nats = stack.nats().await;
+    let pod = Pod::start(config.clone());
+    // Core subscriptions have no stream to observe: publish until the
+    // subscription is there and a message arrives.
+    let mut id = 0;
+    eventually("core-mode delivery", || {
+        id += 1;
+        let this = id;
+        let nats = nats.clone();
+        let subject = config.consumer.topic.clone();
+        let ledger = g1.ledger.clone();
+        async move {
+            publish(&nats, &subject, &event(this, "g", "a")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ledger.count("b", this) == 1
+        }
+    })
+    .await;
+    pod.stop().await;
+    g1.stop().await;
+}
+
+/// The same message to users of one gateway rides one stream: the pool
+/// opens one stream per gateway, not per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_events_share_one_stream_per_gateway() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b", "c"]).await;
+    stack.session(&store, "g", &["a", "b", "c"]).await;
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+    for id in 1..=100 {
+        publish(&nats, &config.consumer.topic, &event(id, "g", "a")).await;
+    }
+    eventually("all delivered", || async {
+        g1.ledger.stats().distinct == 300
+    })
+    .await;
+    assert_eq!(
+        g1.ledger.stats().streams,
+        1,
+        "one long-lived stream served every event"
+    );
+    let users: HashSet<String> = g1
+        .ledger
+        .deliveries()
+        .into_iter()
+        .map(|((u, _), _)| u)
+        .collect();
+    assert_eq!(users.len(), 3);
+    pod.stop().await;
+    g1.stop().await;
+}
+
+/// A gateway that refuses its first stream: the pod retries only that
+/// gateway's recipients in-process, so every member gets the message once
+/// and the event is acked without a redelivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_retry_reaches_only_the_failed_recipients() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    let mut flaky = stack.gateway_options("gateway-002", &["c"]);
+    flaky.refuse_streams = 1;
+    let g2 = resonance_task::gateway::reference::ReferenceGateway::start(flaky)
+        .await
+        .unwrap();
+    stack.session(&store, "g", &["a", "b", "c"]).await;
+    let mut config = stack.config();
+    config.consumer.max_retry = 5;
+    // Long enough that a redelivery could not hide a missing retry.
+    config.consumer.retry_interval = Duration::from_secs(120);
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "g", "a")).await;
+    eventually("all three delivered", || async {
+        g1.ledger.count("a", 1) == 1 && g1.ledger.count("b", 1) == 1 && g2.ledger.count("c", 1) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    assert_eq!(
+        g2.ledger.stats().streams,
+        1,
+        "one stream served after the refused one"
+    );
+    assert_eq!(
+        g1.ledger.stats().received,
+        2,
+        "g1's recipients were not pushed again"
+    );
+    assert_eq!(
+        consumer_info(&nats, &config).await.num_redelivered,
+        0,
+        "settled without a redelivery"
+    );
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
+}
