@@ -352,6 +352,18 @@ pub struct GatewayPoolConfig {
     /// Upper bound of the reconnect backoff.
     #[serde(with = "duration")]
     pub max_backoff: Duration,
+    /// Which push service to call on gateways that advertise batch-v1.
+    pub push_protocol: PushProtocolChoice,
+}
+
+/// `auto`: batch-v1 where a gateway advertises it, per-user `PushService`
+/// elsewhere. `per-user`: `PushService` everywhere.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PushProtocolChoice {
+    #[default]
+    Auto,
+    PerUser,
 }
 
 impl Default for GatewayPoolConfig {
@@ -362,6 +374,7 @@ impl Default for GatewayPoolConfig {
             idle_timeout: Duration::from_secs(300),
             max_in_flight: 2048,
             max_backoff: Duration::from_secs(10),
+            push_protocol: PushProtocolChoice::Auto,
         }
     }
 }
@@ -375,9 +388,11 @@ pub struct DispatchConfig {
     pub route_chunk_size: usize,
     /// MGET chunks in flight per event.
     pub route_concurrency: usize,
-    /// Recipients per push to one gateway; each chunk's deliveries are
-    /// recorded as soon as it is answered.
+    /// Recipients per push to one gateway over per-user `PushService`;
+    /// each chunk's deliveries are recorded as soon as it is answered.
     pub push_chunk_size: usize,
+    /// Recipients per batch-v1 request (one frame) to one gateway.
+    pub batch_size: usize,
     /// How long session members are cached in-process (0 = no cache).
     #[serde(with = "duration")]
     pub member_cache_ttl: Duration,
@@ -392,6 +407,7 @@ impl Default for DispatchConfig {
             route_chunk_size: 500,
             route_concurrency: 4,
             push_chunk_size: 64,
+            batch_size: 512,
             member_cache_ttl: Duration::from_secs(2),
             member_cache_capacity: 1_000_000,
         }
@@ -643,6 +659,12 @@ impl Config {
         if !(1..=100_000).contains(&self.dispatch.push_chunk_size) {
             return Err(ConfigError::invalid(
                 "dispatch.push_chunk_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=100_000).contains(&self.dispatch.batch_size) {
+            return Err(ConfigError::invalid(
+                "dispatch.batch_size",
                 "must be between 1 and 100000",
             ));
         }

@@ -174,6 +174,10 @@ struct GatewayArgs {
     /// (keeps counts across a restart)
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// Serve only the upstream per-user PushService, like an upstream
+    /// gateway (default: also serve and advertise batch-v1)
+    #[arg(long)]
+    no_batch: bool,
     /// Write {"grpc": ADDR, "http": ADDR} here once registered
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -430,6 +434,8 @@ async fn run_gateway(args: GatewayArgs, config: Config) -> Result<()> {
         reply_delay: Duration::from_millis(args.reply_delay_ms),
         refuse_streams: 0,
         journal: args.journal,
+        batch: !args.no_batch,
+        track_deliveries: true,
     })
     .await?;
     if let Some(path) = args.ready_file {

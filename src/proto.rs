@@ -15,7 +15,10 @@ pub mod gateway {
     }
 }
 
-pub use gateway::v1::{PushMessage, PushMessageRequest, PushMessageResponse};
+pub use gateway::v1::{
+    PushBatchRequest, PushBatchResponse, PushMessage, PushMessageRequest, PushMessageResponse,
+    RecipientFailure,
+};
 pub use mq::v1::PushEvent;
 
 #[cfg(test)]

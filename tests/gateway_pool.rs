@@ -16,12 +16,31 @@ use tokio_util::task::TaskTracker;
 use common::*;
 
 fn endpoint(id: &str, g: &ReferenceGateway) -> GatewayEndpoint {
+    endpoint_for(id, g, PushProtocol::PerUser)
+}
+
+fn endpoint_for(id: &str, g: &ReferenceGateway, protocol: PushProtocol) -> GatewayEndpoint {
     GatewayEndpoint {
         gateway_id: id.into(),
         instance_id: format!("i-{id}"),
         uri: format!("http://{}", g.grpc_addr),
-        protocol: PushProtocol::PerUser,
+        protocol,
     }
+}
+
+/// Declares one test per push protocol around `$body(protocol)`.
+macro_rules! per_protocol {
+    ($body:ident: $per_user:ident, $batch:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $per_user() {
+            $body(PushProtocol::PerUser).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $batch() {
+            $body(PushProtocol::BatchV1).await;
+        }
+    };
 }
 
 fn message(msg_id: i64) -> PushMessage {
@@ -45,8 +64,9 @@ fn users(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("u{i}")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pushes_are_pipelined_on_one_stream_and_answered_in_order() {
+per_protocol!(pipelined: pushes_are_pipelined_and_matched_per_user, batches_are_pipelined_and_matched);
+
+async fn pipelined(protocol: PushProtocol) {
     let stack = Stack::start().await;
     let held = users(100);
     let refs: Vec<&str> = held.iter().map(String::as_str).collect();
@@ -54,7 +74,7 @@ async fn pushes_are_pipelined_on_one_stream_and_answered_in_order() {
     opts.reply_delay = Duration::from_millis(20);
     let g = ReferenceGateway::start(opts).await.unwrap();
     let pool = pool(GatewayPoolConfig::default());
-    let ep = endpoint("g1", &g);
+    let ep = endpoint_for("g1", &g, protocol);
     // Ten concurrent callers, each with held and unheld users interleaved.
     let calls = (0..10).map(|i| {
         let pool = pool.clone();
@@ -68,9 +88,13 @@ async fn pushes_are_pipelined_on_one_stream_and_answered_in_order() {
             )
         }
     });
-    for (recipients, outcomes) in futures::future::join_all(calls).await {
-        assert_eq!(outcomes.len(), recipients.len());
-        for (u, o) in recipients.iter().zip(outcomes) {
+    for (recipients, reply) in futures::future::join_all(calls).await {
+        assert_eq!(
+            reply.recipients, recipients,
+            "recipients come back in order"
+        );
+        assert_eq!(reply.outcomes.len(), recipients.len());
+        for (u, o) in recipients.iter().zip(reply.outcomes) {
             let index: usize = u[1..].parse().unwrap();
             if index < 50 {
                 assert_eq!(o, PushOutcome::Delivered, "{u}");
@@ -82,6 +106,12 @@ async fn pushes_are_pipelined_on_one_stream_and_answered_in_order() {
     let stats = g.ledger.stats();
     assert_eq!(stats.streams, 1, "one stream for every caller");
     assert_eq!(stats.received, 50);
+    let frames = if protocol == PushProtocol::BatchV1 {
+        10
+    } else {
+        0
+    };
+    assert_eq!(stats.batches, frames, "one batch-v1 frame per caller");
     assert!(
         stats.max_pending > 1,
         "requests were in flight together: {}",
@@ -90,8 +120,9 @@ async fn pushes_are_pipelined_on_one_stream_and_answered_in_order() {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unanswered_pushes_time_out_as_failures() {
+per_protocol!(time_out: unanswered_pushes_time_out_as_failures, unanswered_batches_time_out_as_failures);
+
+async fn time_out(protocol: PushProtocol) {
     let stack = Stack::start().await;
     let mut opts = stack.gateway_options("g1", &["a", "b"]);
     opts.reply_delay = Duration::from_secs(30);
@@ -102,12 +133,13 @@ async fn unanswered_pushes_time_out_as_failures() {
     });
     let outcomes = pool
         .push(
-            &endpoint("g1", &g),
+            &endpoint_for("g1", &g, protocol),
             message(1),
             vec!["a".into(), "b".into()],
             Default::default(),
         )
-        .await;
+        .await
+        .outcomes;
     assert_eq!(outcomes.len(), 2);
     for o in outcomes {
         match o {
@@ -118,13 +150,14 @@ async fn unanswered_pushes_time_out_as_failures() {
     g.crash().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_stream_fails_in_flight_pushes_and_reconnects() {
+per_protocol!(broken: a_broken_stream_fails_in_flight_pushes_and_reconnects, a_broken_batch_stream_fails_in_flight_batches_and_reconnects);
+
+async fn broken(protocol: PushProtocol) {
     let stack = Stack::start().await;
     let mut opts = stack.gateway_options("g1", &["a"]);
     opts.reply_delay = Duration::from_secs(5);
     let g = ReferenceGateway::start(opts.clone()).await.unwrap();
-    let ep = endpoint("g1", &g);
+    let ep = endpoint_for("g1", &g, protocol);
     let pool = pool(GatewayPoolConfig {
         request_timeout: Duration::from_secs(60),
         max_backoff: Duration::from_millis(200),
@@ -136,6 +169,7 @@ async fn a_broken_stream_fails_in_flight_pushes_and_reconnects() {
         tokio::spawn(async move {
             pool.push(&ep, message(1), vec!["a".into()], Default::default())
                 .await
+                .outcomes
         })
     };
     eventually("push reached the gateway", || async {
@@ -166,6 +200,7 @@ async fn a_broken_stream_fails_in_flight_pushes_and_reconnects() {
         async move {
             pool.push(&ep, message(2), vec!["a".into()], Default::default())
                 .await
+                .outcomes
                 == vec![PushOutcome::Delivered]
         }
     })
@@ -191,7 +226,8 @@ async fn an_unreachable_gateway_fails_fast() {
             vec!["a".into(), "b".into()],
             Default::default(),
         )
-        .await;
+        .await
+        .outcomes;
     for o in outcomes {
         match o {
             PushOutcome::Failed(f) => {
@@ -214,14 +250,16 @@ async fn idle_streams_close_and_reopen_on_demand() {
     let ep = endpoint("g1", &g);
     assert_eq!(
         pool.push(&ep, message(1), vec!["a".into()], Default::default())
-            .await,
+            .await
+            .outcomes,
         vec![PushOutcome::Delivered]
     );
     assert_eq!(pool.open_streams(), 1);
     eventually("idle stream closed", || async { pool.open_streams() == 0 }).await;
     assert_eq!(
         pool.push(&ep, message(2), vec!["a".into()], Default::default())
-            .await,
+            .await
+            .outcomes,
         vec![PushOutcome::Delivered]
     );
     assert_eq!(g.ledger.stats().streams, 2, "a fresh stream after idling");
@@ -243,7 +281,8 @@ async fn a_moved_gateway_gets_a_new_stream() {
             vec!["a".into()],
             Default::default()
         )
-        .await,
+        .await
+        .outcomes,
         vec![PushOutcome::Delivered]
     );
     assert_eq!(
@@ -253,7 +292,8 @@ async fn a_moved_gateway_gets_a_new_stream() {
             vec!["a".into()],
             Default::default()
         )
-        .await,
+        .await
+        .outcomes,
         vec![PushOutcome::Delivered]
     );
     assert_eq!(old.ledger.count("a", 2), 0);

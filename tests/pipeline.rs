@@ -526,3 +526,50 @@ async fn in_process_retry_reaches_only_the_failed_recipients() {
     g1.stop().await;
     g2.stop().await;
 }
+
+/// One event to a group spread over a batch-v1 gateway and an upstream-like
+/// one: one frame per chunk to the first, per-user requests to the second,
+/// and every member once. With `gateway.push_protocol: per-user`, no frame
+/// is batched even where batch-v1 is advertised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_v1_where_advertised_and_per_user_elsewhere() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let batched: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+    let batched: Vec<&str> = batched.iter().map(String::as_str).collect();
+    let g1 = stack.gateway("gateway-001", &batched).await;
+    let mut upstream = stack.gateway_options("gateway-002", &["p1", "p2"]);
+    upstream.batch = false;
+    let g2 = resonance_task::gateway::reference::ReferenceGateway::start(upstream)
+        .await
+        .unwrap();
+    let mut members = batched.clone();
+    members.extend(["p1", "p2", "gone"]);
+    stack.session(&store, "g", &members).await;
+    let mut config = stack.config();
+    config.dispatch.batch_size = 128;
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "g", "p1")).await;
+    eventually("every online member got it", || async {
+        g1.ledger.stats().distinct == 300 && g2.ledger.stats().distinct == 2
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    let (s1, s2) = (g1.ledger.stats(), g2.ledger.stats());
+    assert_eq!(s1.batches, 3, "300 recipients in frames of 128");
+    assert_eq!((s1.duplicates, s1.rejected), (0, 0));
+    assert_eq!((s2.batches, s2.received), (0, 2));
+    pod.stop().await;
+
+    config.gateway.push_protocol = resonance_task::config::PushProtocolChoice::PerUser;
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(2, "g", "p1")).await;
+    eventually("delivered per user", || async {
+        g1.ledger.stats().per_msg.get(&2).map(|m| m.users) == Some(300)
+    })
+    .await;
+    assert_eq!(g1.ledger.stats().batches, 3, "no new frames");
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
+}

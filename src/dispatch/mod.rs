@@ -12,7 +12,7 @@ use futures::future::join_all;
 use tracing::Instrument;
 
 use crate::config::DispatchConfig;
-use crate::gateway::{GatewayPool, PushFailure, PushOutcome};
+use crate::gateway::{GatewayPool, PushFailure, PushOutcome, PushReply};
 use crate::proto::{PushEvent, PushMessage};
 use crate::registry::{GatewayEndpoint, GatewayRegistry};
 use crate::store::{MemberError, MemberStore, Progress, ProgressStore, RedisError, RouteStore};
@@ -236,27 +236,28 @@ impl Dispatcher {
         message: PushMessage,
         recipients: Vec<String>,
         trace_headers: HashMap<String, String>,
-    ) -> (String, Vec<String>, Vec<PushOutcome>) {
+    ) -> (String, PushReply) {
         let msg_id = message.msg_id;
         let started = Instant::now();
-        let outcomes = self
+        let reply = self
             .pool
-            .push(&endpoint, message, recipients.clone(), trace_headers)
+            .push(&endpoint, message, recipients, trace_headers)
             .await;
         metrics::histogram!(telemetry::metrics::GATEWAY_ROUND_TRIP, "gateway_id" => endpoint.gateway_id.clone())
             .record(started.elapsed().as_secs_f64());
         if let Some(progress) = &self.progress {
-            let reached: Vec<String> = recipients
+            let reached: Vec<&str> = reply
+                .recipients
                 .iter()
-                .zip(&outcomes)
+                .zip(&reply.outcomes)
                 .filter(|(_, o)| **o == PushOutcome::Delivered)
-                .map(|(u, _)| u.clone())
+                .map(|(u, _)| u.as_str())
                 .collect();
             if let Err(e) = progress.record(msg_id, &reached).await {
                 tracing::warn!(msg_id, error = %e, "delivery progress not recorded; a redelivery may repeat these pushes");
             }
         }
-        (endpoint.gateway_id, recipients, outcomes)
+        (endpoint.gateway_id, reply)
     }
 
     async fn fan_out(
@@ -276,10 +277,10 @@ impl Dispatcher {
         let trace_headers = telemetry::trace::headers_of(&tracing::Span::current());
 
         let gateways = plan.batches.len();
-        // Each gateway's recipients go in chunks, all in flight at once on
-        // its stream; a chunk's deliveries are recorded as soon as it is
-        // answered, so a crash re-pushes at most the chunks in flight.
-        let chunk = self.cfg.push_chunk_size;
+        // Each gateway's recipients go in chunks (one batch-v1 frame each, or
+        // that many per-user requests), all in flight at once on its stream;
+        // a chunk's deliveries are recorded as soon as it is answered, so a
+        // crash re-pushes at most the chunks in flight.
         let pushes = plan.batches.into_iter().flat_map(|batch| {
             let span = tracing::debug_span!(
                 "gateway_batch",
@@ -287,14 +288,18 @@ impl Dispatcher {
                 recipients = batch.recipients.len()
             );
             let endpoint = batch.endpoint;
-            batch
-                .recipients
-                .chunks(chunk)
+            let chunk = if self.pool.uses_batch(&endpoint) {
+                self.cfg.batch_size
+            } else {
+                self.cfg.push_chunk_size
+            };
+            plan::split(batch.recipients, chunk)
+                .into_iter()
                 .map(|recipients| {
                     let push = self.push_chunk(
                         endpoint.clone(),
                         message.clone(),
-                        recipients.to_vec(),
+                        recipients,
                         trace_headers.clone(),
                     );
                     push.instrument(span.clone())
@@ -311,9 +316,9 @@ impl Dispatcher {
             gateways,
             ..Default::default()
         };
-        for (gateway_id, recipients, outcomes) in results {
+        for (gateway_id, reply) in results {
             let (mut delivered, mut offline, mut failed) = (0, 0, 0);
-            for (user, outcome) in recipients.into_iter().zip(outcomes) {
+            for (user, outcome) in reply.recipients.into_iter().zip(reply.outcomes) {
                 match outcome {
                     PushOutcome::Delivered => {
                         delivered += 1;

@@ -43,12 +43,41 @@ pub struct Plan {
 
 /// Recipients: the members, each once, without the sender unless
 /// `push_to_sender`.
-pub fn recipients(members: Vec<String>, sender: &str, push_to_sender: bool) -> Vec<String> {
-    let mut seen = HashSet::with_capacity(members.len());
+pub fn recipients(mut members: Vec<String>, sender: &str, push_to_sender: bool) -> Vec<String> {
+    if !push_to_sender {
+        members.retain(|m| m != sender);
+    }
+    // Members come from a primary key, so repeats are rare: find them
+    // without copying any name, and rebuild only if there are some.
+    let first_time: Vec<bool> = {
+        let mut seen = HashSet::with_capacity(members.len());
+        members.iter().map(|m| seen.insert(m.as_str())).collect()
+    };
+    if first_time.iter().all(|&f| f) {
+        return members;
+    }
+    let mut keep = first_time.into_iter();
+    members.retain(|_| keep.next().unwrap_or(false));
     members
-        .into_iter()
-        .filter(|m| (push_to_sender || m != sender) && seen.insert(m.clone()))
-        .collect()
+}
+
+/// Splits `items` into owned chunks of at most `size`, in order, without
+/// copying them; a list that fits is returned as it is.
+pub fn split<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    let size = size.max(1);
+    if items.len() <= size {
+        return vec![items];
+    }
+    let mut chunks = Vec::with_capacity(items.len().div_ceil(size));
+    let mut rest = items.into_iter();
+    loop {
+        let chunk: Vec<T> = rest.by_ref().take(size).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    chunks
 }
 
 /// Groups `recipients` (with their `routes`, same order) by gateway.
@@ -140,6 +169,16 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        /// Chunks keep every item once, in order, none larger than asked.
+        #[test]
+        fn split_keeps_order_and_bounds(n in 0usize..200, size in 1usize..50) {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks = split(items.clone(), size);
+            prop_assert!(chunks.iter().all(|c| c.len() <= size));
+            prop_assert!(chunks.iter().filter(|c| c.is_empty()).count() <= usize::from(n == 0));
+            prop_assert_eq!(chunks.concat(), items);
+        }
+
         /// Each recipient lands in exactly one batch or in offline, every
         /// batch holds only users routed to its gateway, and no gateway has
         /// two batches.

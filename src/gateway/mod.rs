@@ -3,6 +3,11 @@
 //! reference gateway used for development, tests and benchmarks
 //! (`reference`). Neighbours: `registry` says where a gateway is; `dispatch`
 //! hands the pool one message and the recipients held by one gateway.
+//!
+//! Two wire protocols: the upstream per-user `PushService` (one request and
+//! one response per recipient, matched by order) and batch-v1
+//! (`BatchPushService`: one request per gateway chunk listing its
+//! recipients, answered by batch id), used where a gateway advertises it.
 
 mod correlation;
 mod pool;
@@ -13,6 +18,14 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use pool::GatewayPool;
+
+/// The answer to one push: the recipients it was given, back, and what
+/// happened to each, in the same order.
+#[derive(Debug)]
+pub struct PushReply {
+    pub recipients: Vec<String>,
+    pub outcomes: Vec<PushOutcome>,
+}
 
 /// What happened to one recipient of one push.
 #[derive(Debug, Clone, PartialEq, Eq)]

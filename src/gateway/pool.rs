@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::stream::{GatewayStream, PushCommand};
-use super::{FailureKind, PushFailure, PushOutcome};
-use crate::config::GatewayPoolConfig;
+use super::PushReply;
+use super::correlation::Pending;
+use super::stream::{Batch, GatewayStream, PerUser, PushCommand};
+use crate::config::{GatewayPoolConfig, PushProtocolChoice};
 use crate::proto::PushMessage;
-use crate::registry::GatewayEndpoint;
+use crate::registry::{GatewayEndpoint, PushProtocol};
 use crate::telemetry;
 
 /// Pushes queued per stream before callers wait (backpressure).
@@ -53,7 +54,7 @@ impl GatewayPool {
     }
 
     /// Pushes `message` to each recipient held by `endpoint`'s gateway and
-    /// returns one outcome per recipient, in input order.
+    /// hands the recipients back with one outcome each, in input order.
     /// `trace_headers` (W3C context) ride along with every request.
     pub async fn push(
         &self,
@@ -61,30 +62,32 @@ impl GatewayPool {
         message: PushMessage,
         recipients: Vec<String>,
         trace_headers: HashMap<String, String>,
-    ) -> Vec<PushOutcome> {
-        let n = recipients.len();
-        if n == 0 {
-            return Vec::new();
+    ) -> PushReply {
+        if recipients.is_empty() {
+            return PushReply {
+                recipients,
+                outcomes: Vec::new(),
+            };
         }
-        let closed = || {
-            let failure = PushFailure::new(
-                FailureKind::Closed,
-                &endpoint.gateway_id,
-                "stream task ended",
-            );
-            vec![PushOutcome::Failed(failure); n]
-        };
         let (reply, answer) = oneshot::channel();
+        let gateway_id: Arc<str> = endpoint.gateway_id.as_str().into();
         let command = PushCommand {
             message,
-            recipients,
             trace_headers,
-            reply,
+            pending: Pending::new(recipients, reply, gateway_id),
         };
-        if self.sender_for(endpoint).send(command).await.is_err() {
-            return closed();
-        }
-        answer.await.unwrap_or_else(|_| closed())
+        // A command that cannot be queued, or is dropped unanswered, answers
+        // itself: every recipient failed.
+        let _ = self.sender_for(endpoint).send(command).await;
+        answer
+            .await
+            .expect("a push is always answered, if only by being dropped")
+    }
+
+    /// Whether pushes to `endpoint` go over batch-v1.
+    pub fn uses_batch(&self, endpoint: &GatewayEndpoint) -> bool {
+        endpoint.protocol == PushProtocol::BatchV1
+            && self.inner.cfg.push_protocol == PushProtocolChoice::Auto
     }
 
     /// Gateways with a stream task alive (open, or opening on demand).
@@ -116,11 +119,21 @@ impl GatewayPool {
                 }
             }
         });
-        let stream = GatewayStream::new(endpoint.clone(), self.inner.cfg.clone(), rx, on_idle);
+        let cfg = self.inner.cfg.clone();
+        let batch = self.uses_batch(endpoint);
+        let target = endpoint.clone();
         self.inner.tracker.spawn(async move {
             let open = metrics::gauge!(telemetry::metrics::GATEWAY_STREAMS);
             open.increment(1.0);
-            stream.run().await;
+            if batch {
+                GatewayStream::<Batch>::new(target, cfg, rx, on_idle)
+                    .run()
+                    .await;
+            } else {
+                GatewayStream::<PerUser>::new(target, cfg, rx, on_idle)
+                    .run()
+                    .await;
+            }
             open.decrement(1.0);
         });
         if let Some(old) = streams.insert(

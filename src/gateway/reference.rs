@@ -1,10 +1,13 @@
-//! The reference gateway: a real `PushService` server for development,
-//! tests, the demo and benchmarks. It plays a gateway that holds a fixed set
-//! of connected users: it registers in etcd under a kept-alive lease
-//! (`metadata.gateway_id`), writes those users' routes to Redis in the
-//! contract format, answers every push in order, with an error for users it
-//! does not hold, and counts what each user received so a test or the demo
-//! can check exactly what arrived (`GET /stats` on its HTTP port).
+//! The reference gateway: a real push server for development, tests, the
+//! demo and benchmarks. It serves the upstream `PushService` and, unless
+//! told to act like an upstream gateway, batch-v1 `BatchPushService`, which
+//! it then advertises in etcd (`metadata.push_protocol = "batch-v1"`). It
+//! plays a gateway that holds a fixed set of connected users: it registers
+//! in etcd under a kept-alive lease (`metadata.gateway_id`), writes those
+//! users' routes to Redis in the contract format, answers every push, with
+//! an error for users it does not hold, and counts what each user received
+//! so a test or the demo can check exactly what arrived (`GET /stats` on
+//! its HTTP port).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -25,10 +28,17 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{EtcdConfig, RedisConfig};
+use crate::proto::gateway::v1::batch_push_service_server::{
+    BatchPushService, BatchPushServiceServer,
+};
 use crate::proto::gateway::v1::push_service_server::{PushService, PushServiceServer};
-use crate::proto::{PushMessageRequest, PushMessageResponse};
+use crate::proto::{
+    PushBatchRequest, PushBatchResponse, PushMessage, PushMessageRequest, PushMessageResponse,
+    RecipientFailure,
+};
 use crate::registry::{
-    GATEWAY_ID_METADATA, Registration, RegistrationError, ServiceInstance, instance_key,
+    BATCH_V1, GATEWAY_ID_METADATA, PUSH_PROTOCOL_METADATA, Registration, RegistrationError,
+    ServiceInstance, instance_key,
 };
 use crate::store::{ROUTE_TTL, RedisClient, RedisError, Route, RouteStore};
 
@@ -82,6 +92,13 @@ pub struct ReferenceGatewayOptions {
     /// Append every delivery here and count those already in it, so a
     /// restarted gateway reports what its predecessors received.
     pub journal: Option<std::path::PathBuf>,
+    /// Serve and advertise batch-v1 as well as `PushService`; off, it acts
+    /// like an upstream gateway.
+    pub batch: bool,
+    /// Keep a count per (user, msg_id), for exact duplicate and loss
+    /// checks; off (benchmarks), only totals and latency are kept, so
+    /// memory stays flat however many pushes arrive.
+    pub track_deliveries: bool,
 }
 
 /// Deliveries of one message at one gateway.
@@ -104,8 +121,10 @@ pub struct GatewayStats {
     pub duplicates: u64,
     /// Pushes for users this gateway does not hold.
     pub rejected: u64,
-    /// Push streams opened by task pods.
+    /// Push streams opened by task pods (both protocols).
     pub streams: u64,
+    /// batch-v1 requests received.
+    pub batches: u64,
     /// Most requests seen at once that were received but not yet answered:
     /// above 1 only if callers pipeline.
     pub max_pending: u64,
@@ -123,6 +142,7 @@ struct Received {
     rejected: u64,
     received: u64,
     streams: u64,
+    batches: u64,
     /// The first `traceparent` seen per msg_id.
     traces: HashMap<i64, String>,
     pending: u64,
@@ -135,6 +155,7 @@ struct Received {
 pub struct Ledger {
     gateway_id: String,
     held: HashSet<String>,
+    track_deliveries: bool,
     journal: Option<Mutex<std::fs::File>>,
     received: Mutex<Received>,
 }
@@ -179,12 +200,14 @@ impl Ledger {
         Self {
             gateway_id,
             held: users.iter().cloned().collect(),
+            track_deliveries: true,
             journal: journal.map(Mutex::new),
             received: Mutex::new(Received {
                 received: deliveries.values().map(|c| u64::from(*c)).sum(),
                 deliveries,
                 rejected: 0,
                 streams: 0,
+                batches: 0,
                 traces: HashMap::new(),
                 pending: 0,
                 max_pending: 0,
@@ -199,37 +222,11 @@ impl Ledger {
         let message = request.message.unwrap_or_default();
         let mut r = self.received.lock().expect("ledger lock");
         r.pending = r.pending.saturating_sub(1);
-        if let Some(tp) = request.trace_headers.get("traceparent") {
-            r.traces.entry(message.msg_id).or_insert_with(|| tp.clone());
-        }
-        let error = if self.held.contains(&request.to_username) {
-            if let Some(journal) = &self.journal {
-                use std::io::Write;
-                // One write per delivery, before the answer: a gateway killed
-                // after this line has delivered.
-                let line = format!("{} {}\n", message.msg_id, request.to_username);
-                if let Err(e) = journal
-                    .lock()
-                    .expect("journal lock")
-                    .write_all(line.as_bytes())
-                {
-                    tracing::error!(error = %e, "ledger journal write failed");
-                }
-            }
-            r.received += 1;
-            *r.deliveries
-                .entry((request.to_username, message.msg_id))
-                .or_default() += 1;
-            let now_us = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_micros() as i64;
-            r.last_delivery_us = r.last_delivery_us.max(now_us);
-            let latency = (now_us - message.timestamp.saturating_mul(1000)).max(1) as u64;
-            r.latency_us.saturating_record(latency);
+        note_trace(&mut r, &message, &request.trace_headers);
+        let now_us = unix_micros();
+        let error = if self.deliver(&mut r, &request.to_username, &message, now_us) {
             String::new()
         } else {
-            r.rejected += 1;
             NOT_CONNECTED.to_string()
         };
         PushMessageResponse {
@@ -239,10 +236,73 @@ impl Ledger {
         }
     }
 
+    fn answer_batch(&self, request: PushBatchRequest) -> PushBatchResponse {
+        let message = request.message.unwrap_or_default();
+        let mut r = self.received.lock().expect("ledger lock");
+        r.pending = r.pending.saturating_sub(1);
+        r.batches += 1;
+        note_trace(&mut r, &message, &request.trace_headers);
+        let now_us = unix_micros();
+        let failed = request
+            .to_usernames
+            .into_iter()
+            .filter(|user| !self.deliver(&mut r, user, &message, now_us))
+            .map(|username| RecipientFailure {
+                username,
+                reason: NOT_CONNECTED.to_string(),
+            })
+            .collect();
+        PushBatchResponse {
+            batch_id: request.batch_id,
+            failed,
+        }
+    }
+
+    /// Records one push; false when `user` is not held here.
+    fn deliver(&self, r: &mut Received, user: &str, message: &PushMessage, now_us: i64) -> bool {
+        if !self.held.contains(user) {
+            r.rejected += 1;
+            return false;
+        }
+        if let Some(journal) = &self.journal {
+            use std::io::Write;
+            // One write per delivery, before the answer: a gateway killed
+            // after this line has delivered.
+            let line = format!("{} {user}\n", message.msg_id);
+            if let Err(e) = journal
+                .lock()
+                .expect("journal lock")
+                .write_all(line.as_bytes())
+            {
+                tracing::error!(error = %e, "ledger journal write failed");
+            }
+        }
+        r.received += 1;
+        if self.track_deliveries {
+            *r.deliveries
+                .entry((user.to_string(), message.msg_id))
+                .or_default() += 1;
+        }
+        r.last_delivery_us = r.last_delivery_us.max(now_us);
+        let latency = (now_us - message.timestamp.saturating_mul(1000)).max(1) as u64;
+        r.latency_us.saturating_record(latency);
+        true
+    }
+
     fn arrived(&self) {
         let mut r = self.received.lock().expect("ledger lock");
         r.pending += 1;
         r.max_pending = r.max_pending.max(r.pending);
+    }
+
+    /// Forgets latency recorded so far (a benchmark measures each phase on
+    /// its own).
+    pub fn reset_latency(&self) {
+        self.received
+            .lock()
+            .expect("ledger lock")
+            .latency_us
+            .reset();
     }
 
     fn stream_opened(&self) {
@@ -292,6 +352,7 @@ impl Ledger {
             duplicates,
             rejected: r.rejected,
             streams: r.streams,
+            batches: r.batches,
             max_pending: r.max_pending,
             per_msg,
             last_delivery_us: r.last_delivery_us,
@@ -304,22 +365,44 @@ impl Ledger {
     }
 }
 
+fn note_trace(r: &mut Received, message: &PushMessage, headers: &HashMap<String, String>) {
+    if let Some(tp) = headers.get("traceparent") {
+        r.traces.entry(message.msg_id).or_insert_with(|| tp.clone());
+    }
+}
+
+fn unix_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64
+}
+
+#[derive(Clone)]
 struct Service {
     ledger: Arc<Ledger>,
     reply_delay: Duration,
-    refuse_streams: AtomicU32,
+    refuse_streams: Arc<AtomicU32>,
     /// Ends every open push stream when the gateway stops.
     serving: CancellationToken,
 }
 
-#[tonic::async_trait]
-impl PushService for Service {
-    type PushMessageStream = ReceiverStream<Result<PushMessageResponse, Status>>;
+type Answers<T> = ReceiverStream<Result<T, Status>>;
 
-    async fn push_message(
+impl Service {
+    /// Serves one push stream of either protocol: reading and answering are
+    /// separate tasks, so requests pipelined by the caller are seen as
+    /// pending together and each is answered `reply_delay` after it
+    /// arrived, as a gateway with latency would.
+    fn serve<Req, Resp>(
         &self,
-        request: Request<Streaming<PushMessageRequest>>,
-    ) -> Result<Response<Self::PushMessageStream>, Status> {
+        request: Request<Streaming<Req>>,
+        answer: impl Fn(&Ledger, Req) -> Resp + Send + 'static,
+    ) -> Result<Response<Answers<Resp>>, Status>
+    where
+        Req: prost::Message + Default + Send + 'static,
+        Resp: Send + 'static,
+    {
         let refused = self
             .refuse_streams
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -329,14 +412,11 @@ impl PushService for Service {
         }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
-        let (queue, mut queued) = mpsc::channel::<(PushMessageRequest, tokio::time::Instant)>(1024);
+        let (queue, mut queued) = mpsc::channel::<(Req, tokio::time::Instant)>(1024);
         let ledger = self.ledger.clone();
         ledger.stream_opened();
         let delay = self.reply_delay;
         let reading = self.serving.clone();
-        // Reading and answering are separate tasks, so requests pipelined by
-        // the caller are seen as pending together and each is answered
-        // `reply_delay` after it arrived, as a gateway with latency would.
         let reader_ledger = ledger.clone();
         tokio::spawn(async move {
             loop {
@@ -366,17 +446,45 @@ impl PushService for Service {
         let serving = self.serving.clone();
         tokio::spawn(async move {
             while let Some((request, arrived)) = queued.recv().await {
-                tokio::select! {
-                    // Stopping drops what is unanswered, as a dying gateway does.
-                    _ = serving.cancelled() => return,
-                    _ = tokio::time::sleep_until(arrived + delay) => {}
+                if !delay.is_zero() {
+                    tokio::select! {
+                        // Stopping drops what is unanswered, as a dying gateway does.
+                        _ = serving.cancelled() => return,
+                        _ = tokio::time::sleep_until(arrived + delay) => {}
+                    }
+                } else if serving.is_cancelled() {
+                    return;
                 }
-                if tx.send(Ok(ledger.answer(request))).await.is_err() {
+                if tx.send(Ok(answer(&ledger, request))).await.is_err() {
                     return;
                 }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl PushService for Service {
+    type PushMessageStream = Answers<PushMessageResponse>;
+
+    async fn push_message(
+        &self,
+        request: Request<Streaming<PushMessageRequest>>,
+    ) -> Result<Response<Self::PushMessageStream>, Status> {
+        self.serve(request, Ledger::answer)
+    }
+}
+
+#[tonic::async_trait]
+impl BatchPushService for Service {
+    type PushBatchStream = Answers<PushBatchResponse>;
+
+    async fn push_batch(
+        &self,
+        request: Request<Streaming<PushBatchRequest>>,
+    ) -> Result<Response<Self::PushBatchStream>, Status> {
+        self.serve(request, Ledger::answer_batch)
     }
 }
 
@@ -411,6 +519,11 @@ impl ReferenceGateway {
             }
             None => Ledger::new(opts.gateway_id.clone(), &opts.users),
         });
+        let ledger = Arc::new({
+            let mut ledger = Arc::into_inner(ledger).expect("not shared yet");
+            ledger.track_deliveries = opts.track_deliveries;
+            ledger
+        });
 
         let grpc = TcpListener::bind(opts.grpc_listen).await.map_err(|cause| {
             ReferenceGatewayError::Bind {
@@ -420,16 +533,21 @@ impl ReferenceGateway {
             }
         })?;
         let grpc_addr = grpc.local_addr().expect("bound socket has an address");
-        let service = PushServiceServer::new(Service {
+        let service = Service {
             ledger: ledger.clone(),
             reply_delay: opts.reply_delay,
-            refuse_streams: AtomicU32::new(opts.refuse_streams),
+            refuse_streams: Arc::new(AtomicU32::new(opts.refuse_streams)),
             serving: serving.clone(),
-        });
+        };
+        let batch = opts
+            .batch
+            .then(|| BatchPushServiceServer::new(service.clone()));
+        let per_user = PushServiceServer::new(service);
         let shutdown = serving.clone();
         tracker.spawn(async move {
             let served = tonic::transport::Server::builder()
-                .add_service(service)
+                .add_service(per_user)
+                .add_optional_service(batch)
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(grpc),
                     shutdown.cancelled_owned(),
@@ -472,10 +590,12 @@ impl ReferenceGateway {
             id: instance_id.clone(),
             name: opts.service_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            metadata: HashMap::from([(
-                GATEWAY_ID_METADATA.to_string(),
-                opts.gateway_id.clone().into(),
-            )]),
+            metadata: HashMap::from_iter(
+                [(GATEWAY_ID_METADATA, opts.gateway_id.as_str())]
+                    .into_iter()
+                    .chain(opts.batch.then_some((PUSH_PROTOCOL_METADATA, BATCH_V1)))
+                    .map(|(k, v)| (k.to_string(), v.into())),
+            ),
             endpoints: vec![format!(
                 "grpc://{}:{}",
                 opts.advertise_host,

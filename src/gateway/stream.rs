@@ -1,7 +1,8 @@
 //! One gateway's push stream: a task that owns a long-lived bidirectional
-//! `PushService.PushMessage` call, writes requests as callers hand them over
-//! (many in flight, not stop-and-wait), and matches responses by order
-//! (`correlation`).
+//! call — `PushService.PushMessage` ([`PerUser`]) or batch-v1
+//! `BatchPushService.PushBatch` ([`Batch`]) — writes requests as callers hand
+//! them over (many in flight, not stop-and-wait), and matches responses to
+//! callers (`correlation`).
 //!
 //! The stream opens lazily on the first push and reopens after a failure;
 //! while the gateway cannot be reached, pushes fail at once (after a capped,
@@ -15,33 +16,138 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use std::collections::HashMap;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
-use super::correlation::{Group, InFlight};
-use super::{FailureKind, PushFailure, PushOutcome};
+use super::correlation::{Batches, Group, InFlight, Pending, Tracker};
+use super::{FailureKind, PushFailure};
 use crate::backoff::Backoff;
 use crate::config::GatewayPoolConfig;
+use crate::proto::gateway::v1::batch_push_service_client::BatchPushServiceClient;
 use crate::proto::gateway::v1::push_service_client::PushServiceClient;
-use crate::proto::{PushMessage, PushMessageRequest};
+use crate::proto::{
+    PushBatchRequest, PushBatchResponse, PushMessage, PushMessageRequest, PushMessageResponse,
+};
 use crate::registry::GatewayEndpoint;
+
+/// Largest response frame accepted from a gateway.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// One caller's push: a message for some recipients on this gateway.
 pub(crate) struct PushCommand {
     pub message: PushMessage,
-    pub recipients: Vec<String>,
-    pub trace_headers: std::collections::HashMap<String, String>,
-    pub reply: oneshot::Sender<Vec<PushOutcome>>,
+    pub trace_headers: HashMap<String, String>,
+    /// The recipients, and the caller's reply channel.
+    pub pending: Pending,
 }
 
 impl PushCommand {
     fn fail(self, failure: &PushFailure) {
-        let n = self.recipients.len();
-        let _ = self
-            .reply
-            .send(vec![PushOutcome::Failed(failure.clone()); n]);
+        self.pending.fail_rest(failure);
+    }
+}
+
+/// What differs between the push protocols: the call, how a caller's push
+/// becomes requests, and how responses find their callers.
+pub(crate) trait Wire: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    type InFlight: Tracker<Response = Self::Response>;
+
+    fn open(
+        channel: Channel,
+        requests: ReceiverStream<Self::Request>,
+    ) -> impl Future<Output = Result<Streaming<Self::Response>, tonic::Status>> + Send;
+
+    /// Records `cmd` as in flight and returns its requests, in write order.
+    fn start(
+        inflight: &mut Self::InFlight,
+        cmd: PushCommand,
+        deadline: Instant,
+        permits: OwnedSemaphorePermit,
+    ) -> Vec<Self::Request>;
+}
+
+/// Upstream `PushService`: one request per recipient.
+pub(crate) struct PerUser;
+
+impl Wire for PerUser {
+    type Request = PushMessageRequest;
+    type Response = PushMessageResponse;
+    type InFlight = InFlight;
+
+    async fn open(
+        channel: Channel,
+        requests: ReceiverStream<PushMessageRequest>,
+    ) -> Result<Streaming<PushMessageResponse>, tonic::Status> {
+        let mut client =
+            PushServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
+        Ok(client.push_message(requests).await?.into_inner())
+    }
+
+    fn start(
+        inflight: &mut InFlight,
+        cmd: PushCommand,
+        deadline: Instant,
+        permits: OwnedSemaphorePermit,
+    ) -> Vec<PushMessageRequest> {
+        let requests = cmd
+            .pending
+            .recipients()
+            .iter()
+            .map(|recipient| {
+                let mut message = cmd.message.clone();
+                message.to_username.clone_from(recipient);
+                PushMessageRequest {
+                    to_username: recipient.clone(),
+                    message: Some(message),
+                    trace_headers: cmd.trace_headers.clone(),
+                }
+            })
+            .collect();
+        inflight.push(Group::new(cmd.pending, deadline, Some(permits)));
+        requests
+    }
+}
+
+/// batch-v1 `BatchPushService`: one request per caller's push.
+pub(crate) struct Batch;
+
+impl Wire for Batch {
+    type Request = PushBatchRequest;
+    type Response = PushBatchResponse;
+    type InFlight = Batches;
+
+    async fn open(
+        channel: Channel,
+        requests: ReceiverStream<PushBatchRequest>,
+    ) -> Result<Streaming<PushBatchResponse>, tonic::Status> {
+        let mut client =
+            BatchPushServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
+        Ok(client.push_batch(requests).await?.into_inner())
+    }
+
+    fn start(
+        inflight: &mut Batches,
+        cmd: PushCommand,
+        deadline: Instant,
+        permits: OwnedSemaphorePermit,
+    ) -> Vec<PushBatchRequest> {
+        let mut message = cmd.message;
+        message.to_username.clear();
+        let to_usernames = cmd.pending.recipients().to_vec();
+        let batch_id = inflight.push(Group::new(cmd.pending, deadline, Some(permits)));
+        vec![PushBatchRequest {
+            batch_id,
+            message: Some(message),
+            to_usernames,
+            trace_headers: cmd.trace_headers,
+        }]
     }
 }
 
@@ -54,7 +160,8 @@ enum SessionEnd {
     Broken(PushFailure),
 }
 
-pub(crate) struct GatewayStream {
+pub(crate) struct GatewayStream<W> {
+    wire: std::marker::PhantomData<W>,
     endpoint: GatewayEndpoint,
     cfg: GatewayPoolConfig,
     commands: mpsc::Receiver<PushCommand>,
@@ -63,7 +170,7 @@ pub(crate) struct GatewayStream {
     on_idle: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
-impl GatewayStream {
+impl<W: Wire> GatewayStream<W> {
     pub(crate) fn new(
         endpoint: GatewayEndpoint,
         cfg: GatewayPoolConfig,
@@ -71,6 +178,7 @@ impl GatewayStream {
         on_idle: Box<dyn FnOnce() + Send + Sync>,
     ) -> Self {
         Self {
+            wire: std::marker::PhantomData,
             endpoint,
             cfg,
             commands,
@@ -182,12 +290,11 @@ impl GatewayStream {
     /// Runs one gRPC call until it breaks, idles or closes. Returns how it
     /// ended and whether any response arrived.
     async fn session(&mut self, channel: Channel, first: PushCommand) -> (SessionEnd, bool) {
-        let inflight = Mutex::new(InFlight::default());
+        let inflight = Mutex::new(W::InFlight::default());
         let sent = Notify::new();
         let drained = Notify::new();
         let permits = Arc::new(Semaphore::new(self.cfg.max_in_flight));
-        let (requests, request_stream) = mpsc::channel::<PushMessageRequest>(1024);
-        let mut client = PushServiceClient::new(channel).max_decoding_message_size(4 * 1024 * 1024);
+        let (requests, request_stream) = mpsc::channel::<W::Request>(1024);
         let gateway_id = self.endpoint.gateway_id.clone();
         let request_timeout = self.cfg.request_timeout;
         let idle_timeout = self.cfg.idle_timeout;
@@ -197,11 +304,9 @@ impl GatewayStream {
         let mut answered = false;
 
         let reader = async {
-            let response = client
-                .push_message(ReceiverStream::new(request_stream))
+            let mut inbound = W::open(channel, ReceiverStream::new(request_stream))
                 .await
                 .map_err(|s| broken(status_text(&s)))?;
-            let mut inbound = response.into_inner();
             loop {
                 let message = inbound
                     .message()
@@ -213,13 +318,8 @@ impl GatewayStream {
                     ));
                 };
                 answered = true;
-                let outcome = if response.error.is_empty() {
-                    PushOutcome::Delivered
-                } else {
-                    PushOutcome::NotConnected(response.error)
-                };
                 let mut guard = inflight.lock().expect("in-flight lock");
-                if guard.answer(outcome).is_err() {
+                if guard.answer(response).is_err() {
                     return Err(broken("gateway sent a response to no request".into()));
                 }
                 if guard.is_empty() {
@@ -258,33 +358,22 @@ impl GatewayStream {
                         Err(_) => continue,
                     },
                 };
-                let n = cmd.recipients.len();
+                let n = cmd.pending.recipients().len();
                 let held = permits
                     .clone()
                     .acquire_many_owned(n.min(max_in_flight) as u32)
                     .await
                     .expect("semaphore is never closed");
-                {
+                let batch = {
                     let mut guard = inflight.lock().expect("in-flight lock");
                     let was_empty = guard.is_empty();
-                    guard.push(Group::new(
-                        n,
-                        cmd.reply,
-                        Instant::now() + request_timeout,
-                        Some(held),
-                    ));
+                    let batch = W::start(&mut guard, cmd, Instant::now() + request_timeout, held);
                     if was_empty {
                         sent.notify_one();
                     }
-                }
-                for recipient in cmd.recipients {
-                    let mut message = cmd.message.clone();
-                    message.to_username.clone_from(&recipient);
-                    let request = PushMessageRequest {
-                        to_username: recipient,
-                        message: Some(message),
-                        trace_headers: cmd.trace_headers.clone(),
-                    };
+                    batch
+                };
+                for request in batch {
                     if requests.send(request).await.is_err() {
                         return SessionEnd::Broken(broken("request stream closed".into()));
                     }

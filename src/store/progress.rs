@@ -95,7 +95,7 @@ impl ProgressStore {
     }
 
     /// Records recipients a gateway confirmed.
-    pub async fn record(&self, msg_id: i64, users: &[String]) -> Result<(), RedisError> {
+    pub async fn record(&self, msg_id: i64, users: &[&str]) -> Result<(), RedisError> {
         if users.is_empty() {
             return Ok(());
         }

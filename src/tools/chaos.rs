@@ -214,6 +214,8 @@ struct Gateway {
     grpc: u16,
     http: u16,
     users: std::ops::Range<usize>,
+    /// Serves batch-v1; the others act like upstream gateways.
+    batch: bool,
 }
 
 impl Gateway {
@@ -222,7 +224,7 @@ impl Gateway {
         opts: &ChaosOptions,
         env: &[(String, String)],
     ) -> Result<LocalServer, ChaosError> {
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "gateway".into(),
             "--id".into(),
             self.id.clone(),
@@ -235,6 +237,9 @@ impl Gateway {
             "--journal".into(),
             self.journal.display().to_string(),
         ];
+        if !self.batch {
+            args.push("--no-batch".into());
+        }
         Ok(LocalServer::process(
             "gateway",
             opts.binary.display().to_string(),
@@ -385,6 +390,8 @@ async fn run_with(
             grpc: free_port(),
             http: free_port(),
             users: i * share..(i + 1) * share,
+            // Both push protocols face the faults.
+            batch: i != 2,
         })
         .collect();
     let mut gateway_processes = Vec::new();

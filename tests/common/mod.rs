@@ -212,6 +212,8 @@ impl Stack {
             reply_delay: Duration::ZERO,
             refuse_streams: 0,
             journal: None,
+            batch: true,
+            track_deliveries: true,
         }
     }
 
