@@ -1,6 +1,7 @@
 //! Command line: parses arguments, loads the configuration and hands over to
 //! the library. Nothing here decides how events are handled.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,13 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use resonance_task::config::Config;
+use resonance_task::config::{Config, LogConfig};
 use resonance_task::gateway::reference::{ReferenceGateway, ReferenceGatewayOptions};
 use resonance_task::store::{MemberStore, RedisClient, RouteStore, connect_database, migrate};
 use resonance_task::tools::publish::{EventTemplate, fresh_msg_id_base, publish};
 use resonance_task::tools::seed::{SeedPlan, SessionMix, seed};
 use resonance_task::tools::workload::{self, WorkloadOptions};
-use resonance_task::tools::{chaos, dlq, parse_range, user_name};
+use resonance_task::tools::{bench, chaos, dlq, parse_range, user_name};
 use resonance_task::{connect_nats, telemetry};
 
 #[derive(Parser)]
@@ -77,6 +78,50 @@ enum Command {
         after_help = "Example:\n  resonance-task workload --events 2000 --stats http://127.0.0.1:9191/stats --json"
     )]
     Workload(WorkloadArgs),
+    /// Measure fan-out throughput and latency: the upstream serial
+    /// algorithm, per-user streams, batch-v1 and the I/O floor, side by side
+    /// on private servers.
+    #[command(
+        after_help = "Example:\n  resonance-task bench --json\n  resonance-task bench --sweep --modes batch,floor\n\nNeeds nats-server, etcd and redis-server. Build with --release for meaningful figures."
+    )]
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Modes to measure (comma-separated)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "serial,stream,batch,floor"
+    )]
+    modes: Vec<bench::Mode>,
+    /// Members per session in the throughput run
+    #[arg(long, default_value_t = 1000)]
+    group_size: usize,
+    #[arg(long, default_value_t = 4)]
+    gateways: usize,
+    /// Deliveries per mode (serial makes a tenth)
+    #[arg(long, default_value_t = 1_000_000)]
+    deliveries: u64,
+    /// Members per session in the latency run (at half of batch peak)
+    #[arg(long, default_value_t = 100)]
+    latency_group_size: usize,
+    /// Seconds the latency run publishes
+    #[arg(long, default_value_t = 5.0)]
+    latency_seconds: f64,
+    /// Also measure group sizes 2..100,000 (batch and floor) and write
+    /// bench-sweep.json and bench-sweep.svg into --sweep-dir
+    #[arg(long)]
+    sweep: bool,
+    #[arg(long, default_value = "docs")]
+    sweep_dir: PathBuf,
+    /// No progress bar on stderr
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the report as one JSON object on the last line
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -243,6 +288,12 @@ struct WorkloadArgs {
     json: bool,
 }
 
+// Fan-out allocates many small, short-lived strings and frames across
+// threads; mimalloc handles that pattern with far less contention than the
+// system allocator (measured with `resonance-task bench`, see the README).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match start(cli) {
@@ -259,6 +310,11 @@ fn start(cli: Cli) -> Result<()> {
     if let Command::CheckConfig = cli.command {
         print!("{}", config.to_redacted_yaml());
         return Ok(());
+    }
+    let mut config = config;
+    if matches!(cli.command, Command::Bench(_)) && config.log.level == LogConfig::default().level {
+        // The pods run in this process; their info lines would bury the table.
+        config.log.level = "warn".into();
     }
     telemetry::init(&config.log);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -314,6 +370,24 @@ async fn dispatch(command: Command, config: Config) -> Result<()> {
             );
         }
         Command::Dlq(command) => run_dlq(command, config).await?,
+        Command::Bench(args) => {
+            let report = bench::run(bench::BenchOptions {
+                modes: args.modes,
+                group_size: args.group_size,
+                gateways: args.gateways,
+                deliveries: args.deliveries,
+                latency_group_size: args.latency_group_size,
+                latency_seconds: args.latency_seconds,
+                sweep: args.sweep.then_some(args.sweep_dir),
+                progress: !args.no_progress && std::io::stderr().is_terminal(),
+                tuning: config,
+            })
+            .await?;
+            print!("{}", report.to_text());
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+        }
         Command::Chaos(args) => {
             let opts = chaos::ChaosOptions {
                 binary: std::env::current_exe().context("locating this binary")?,

@@ -268,7 +268,7 @@ impl Dispatcher {
         let started = Instant::now();
         let routes = self
             .routes
-            .lookup(&recipients)
+            .gateway_ids(&recipients)
             .await
             .map_err(DispatchError::Routes)?;
         let gateways = self.registry.snapshot();

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::registry::{GatewayEndpoint, GatewayMap};
-use crate::store::Route;
+use std::sync::Arc;
 
 /// Why a recipient is offline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,23 +80,24 @@ pub fn split<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
     chunks
 }
 
-/// Groups `recipients` (with their `routes`, same order) by gateway.
-/// Batches come out sorted by gateway id, recipients in input order.
-pub fn plan(recipients: Vec<String>, routes: Vec<Option<Route>>, gateways: &GatewayMap) -> Plan {
+/// Groups `recipients` (with the gateway ids of their `routes`, same
+/// order) by gateway. Batches come out sorted by gateway id, recipients in
+/// input order.
+pub fn plan(recipients: Vec<String>, routes: Vec<Option<Arc<str>>>, gateways: &GatewayMap) -> Plan {
     debug_assert_eq!(recipients.len(), routes.len());
-    let mut by_gateway: HashMap<String, GatewayBatch> = HashMap::new();
+    let mut by_gateway: HashMap<Arc<str>, GatewayBatch> = HashMap::new();
     let mut offline = Vec::new();
     for (user, route) in recipients.into_iter().zip(routes) {
-        let Some(route) = route else {
+        let Some(gateway_id) = route else {
             offline.push((user, OfflineReason::NoRoute));
             continue;
         };
-        match by_gateway.get_mut(&route.gateway_id) {
+        match by_gateway.get_mut(&gateway_id) {
             Some(batch) => batch.recipients.push(user),
-            None => match gateways.resolve(&route.gateway_id) {
+            None => match gateways.resolve(&gateway_id) {
                 Some(endpoint) => {
                     by_gateway.insert(
-                        route.gateway_id,
+                        gateway_id,
                         GatewayBatch {
                             endpoint: endpoint.clone(),
                             recipients: vec![user],
@@ -127,13 +128,8 @@ pub(crate) mod tests {
         }))
     }
 
-    fn route(user: &str, gw: &str) -> Option<Route> {
-        Some(Route {
-            username: user.into(),
-            gateway_id: gw.into(),
-            remote_ip: String::new(),
-            timestamp: 0,
-        })
+    fn route(_user: &str, gw: &str) -> Option<Arc<str>> {
+        Some(gw.into())
     }
 
     #[test]
@@ -188,7 +184,7 @@ pub(crate) mod tests {
         ) {
             let gateways = map_of(&["g0", "g1", "g2", "g3"]); // g4, g5 unregistered
             let users: Vec<String> = (0..assignments.len()).map(|i| format!("u{i}")).collect();
-            let routes: Vec<Option<Route>> = users.iter().zip(&assignments)
+            let routes: Vec<Option<Arc<str>>> = users.iter().zip(&assignments)
                 .map(|(u, a)| a.and_then(|g| route(u, &format!("g{g}"))))
                 .collect();
             let p = plan(users.clone(), routes, &gateways);

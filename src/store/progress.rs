@@ -2,11 +2,15 @@
 //! partial failure, a pod crash or a publisher's duplicate) reaches nobody
 //! twice.
 //!
-//! While an event is in flight, `resonance:task:{<msg_id>}:delivered` is a
-//! set of the recipients a gateway confirmed, written after every gateway
-//! batch and kept for `dedup.progress_ttl`. When the event settles,
-//! `resonance:task:{<msg_id>}:settled` is set for `dedup.window` and the set
-//! is dropped: a later copy of the same msg_id is acked without pushing.
+//! While an event is in flight, `resonance:task:{<msg_id>}:reached` lists
+//! the recipients a gateway confirmed: every answered gateway chunk APPENDs
+//! its usernames as netstrings (`5:alice,3:bob,`), and the key is kept for
+//! `dedup.progress_ttl`. Appending one string per chunk costs Redis one
+//! copy, where a set would cost a hash insert per recipient; the list is
+//! read back (and parsed here) only when an event is delivered again. When
+//! the event settles, `resonance:task:{<msg_id>}:settled` is set for
+//! `dedup.window` and the list is dropped: a later copy of the same msg_id
+//! is acked without pushing.
 //!
 //! `resonance:task:{<msg_id>}:lease` is a claim: whoever handles the event
 //! sets it (NX, with a TTL), so two deliveries of one event (a NATS restart
@@ -24,7 +28,7 @@ use std::time::Duration;
 use super::redis::{RedisClient, RedisError};
 
 pub fn delivered_key(msg_id: i64) -> String {
-    format!("resonance:task:{{{msg_id}}}:delivered")
+    format!("resonance:task:{{{msg_id}}}:reached")
 }
 
 pub fn settled_key(msg_id: i64) -> String {
@@ -84,13 +88,13 @@ impl ProgressStore {
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64)
             .exists(settled_key(msg_id))
-            .smembers(delivered_key(msg_id));
-        let (claimed, settled, delivered): (Option<String>, bool, HashSet<String>) =
+            .get(delivered_key(msg_id));
+        let (claimed, settled, delivered): (Option<String>, bool, Option<Vec<u8>>) =
             self.redis.pipeline(&pipe).await?;
         Ok(Progress {
             settled,
             busy: claimed.is_none(),
-            delivered,
+            delivered: delivered.map(|d| parse_names(&d)).unwrap_or_default(),
         })
     }
 
@@ -101,7 +105,7 @@ impl ProgressStore {
         }
         let key = delivered_key(msg_id);
         let mut pipe = redis::pipe();
-        pipe.sadd(&key, users)
+        pipe.append(&key, encode_names(users))
             .ignore()
             .pexpire(&key, self.progress_ttl.as_millis() as i64)
             .ignore();
@@ -132,15 +136,78 @@ impl ProgressStore {
     }
 }
 
+/// Usernames as netstrings: `<byte length>:<name>,` each.
+fn encode_names(names: &[&str]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(names.iter().map(|n| n.len() + 5).sum());
+    for name in names {
+        out.extend_from_slice(name.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(name.as_bytes());
+        out.push(b',');
+    }
+    out
+}
+
+/// Reads back what [`encode_names`] wrote; a damaged tail (a write cut
+/// short) ends the list rather than failing it.
+fn parse_names(mut data: &[u8]) -> HashSet<String> {
+    let mut names = HashSet::new();
+    while let Some(colon) = data.iter().position(|&b| b == b':') {
+        let Some(len) = std::str::from_utf8(&data[..colon])
+            .ok()
+            .and_then(|l| l.parse::<usize>().ok())
+        else {
+            break;
+        };
+        let start = colon + 1;
+        let Some(name) = data.get(start..start + len) else {
+            break;
+        };
+        if data.get(start + len) != Some(&b',') {
+            break;
+        }
+        names.insert(String::from_utf8_lossy(name).into_owned());
+        data = &data[start + len + 1..];
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any usernames, separators and digits included, read back as
+        /// written, over any number of appends.
+        #[test]
+        fn names_survive_encoding(chunks in proptest::collection::vec(proptest::collection::vec(".{0,12}", 0..8), 0..5)) {
+            let mut stored = Vec::new();
+            let mut expected = HashSet::new();
+            for chunk in &chunks {
+                let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                stored.extend(encode_names(&names));
+                expected.extend(chunk.iter().cloned());
+            }
+            prop_assert_eq!(parse_names(&stored), expected);
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored() {
+        let mut data = encode_names(&["alice", "bob"]);
+        data.extend_from_slice(b"7:caro");
+        assert_eq!(
+            parse_names(&data),
+            HashSet::from(["alice".into(), "bob".into()])
+        );
+    }
 
     /// Redis Cluster hashes only what is inside the first `{...}`, so both
     /// keys of one event land in one slot.
     #[test]
     fn keys_share_a_hash_tag() {
-        assert_eq!(delivered_key(42), "resonance:task:{42}:delivered");
+        assert_eq!(delivered_key(42), "resonance:task:{42}:reached");
         assert_eq!(settled_key(42), "resonance:task:{42}:settled");
         let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_string();
         assert_eq!(tag(&delivered_key(7)), tag(&settled_key(7)));

@@ -3,6 +3,8 @@
 //! user is offline. Lookups are chunked MGETs run concurrently, never one
 //! round trip per member.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -49,6 +51,44 @@ impl RouteStore {
     /// for values that are not route JSON (logged: a malformed route must not
     /// block the rest of the event).
     pub async fn lookup(&self, usernames: &[String]) -> Result<Vec<Option<Route>>, RedisError> {
+        Ok(self
+            .raw(usernames)
+            .await?
+            .into_iter()
+            .zip(usernames)
+            .map(|(raw, username)| parse_route(username, &raw?))
+            .collect())
+    }
+
+    /// The gateway id of each user's route, in input order, `None` as in
+    /// [`RouteStore::lookup`]. The hot path: only `gateway_id` is decoded,
+    /// and each distinct id is allocated once per call.
+    pub async fn gateway_ids(
+        &self,
+        usernames: &[String],
+    ) -> Result<Vec<Option<Arc<str>>>, RedisError> {
+        let raw = self.raw(usernames).await?;
+        let mut seen: Vec<Arc<str>> = Vec::new();
+        Ok(raw
+            .into_iter()
+            .zip(usernames)
+            .map(|(raw, username)| {
+                let raw = raw?;
+                let id = parse_gateway_id(username, &raw)?;
+                match seen.iter().find(|s| ***s == *id) {
+                    Some(known) => Some(known.clone()),
+                    None => {
+                        let new: Arc<str> = id.as_ref().into();
+                        seen.push(new.clone());
+                        Some(new)
+                    }
+                }
+            })
+            .collect())
+    }
+
+    /// The raw route values, in input order.
+    async fn raw(&self, usernames: &[String]) -> Result<Vec<Option<Vec<u8>>>, RedisError> {
         // Each chunk's future owns its command and client handle, so the
         // set can be driven concurrently without borrowing from `self`.
         let mut pending = Vec::with_capacity(usernames.len().div_ceil(self.chunk_size));
@@ -58,18 +98,13 @@ impl RouteStore {
                 cmd.arg(route_key(u));
             }
             let redis = self.redis.clone();
-            pending.push(async move { redis.query::<Vec<Option<String>>>(&cmd).await });
+            pending.push(async move { redis.query::<Vec<Option<Vec<u8>>>>(&cmd).await });
         }
-        let chunks: Vec<Vec<Option<String>>> = futures::stream::iter(pending)
+        let chunks: Vec<Vec<Option<Vec<u8>>>> = futures::stream::iter(pending)
             .buffered(self.concurrency)
             .try_collect()
             .await?;
-        Ok(chunks
-            .into_iter()
-            .flatten()
-            .zip(usernames)
-            .map(|(raw, username)| parse_route(username, raw?))
-            .collect())
+        Ok(chunks.into_iter().flatten().collect())
     }
 
     /// Writes a route as the logic service does (reference gateway, tests).
@@ -90,9 +125,29 @@ impl RouteStore {
     }
 }
 
-fn parse_route(username: &str, raw: String) -> Option<Route> {
-    match serde_json::from_str::<Route>(&raw) {
-        Ok(r) if !r.gateway_id.is_empty() => Some(r),
+fn parse_route(username: &str, raw: &[u8]) -> Option<Route> {
+    let route = serde_json::from_slice::<Route>(raw);
+    usable(username, route.as_ref().map(|r| r.gateway_id.as_str()))?;
+    route.ok()
+}
+
+/// Just the gateway id of a route value, borrowed from it where possible.
+fn parse_gateway_id<'a>(username: &str, raw: &'a [u8]) -> Option<Cow<'a, str>> {
+    #[derive(Deserialize)]
+    struct Target<'a> {
+        #[serde(borrow)]
+        gateway_id: Cow<'a, str>,
+    }
+    let target = serde_json::from_slice::<Target>(raw);
+    usable(username, target.as_ref().map(|t| t.gateway_id.as_ref()))?;
+    target.ok().map(|t| t.gateway_id)
+}
+
+/// Logs why a route value is unusable (a malformed route must not block
+/// the rest of the event; the user counts as offline).
+fn usable(username: &str, gateway_id: Result<&str, &serde_json::Error>) -> Option<()> {
+    match gateway_id {
+        Ok(id) if !id.is_empty() => Some(()),
         Ok(_) => {
             tracing::warn!(
                 username,
@@ -118,14 +173,23 @@ mod tests {
 
     #[test]
     fn contract_route_json_parses() {
-        let r = parse_route(
-            "alice",
-            r#"{"username":"alice","gateway_id":"gateway-001","remote_ip":"1.2.3.4","timestamp":1700000000000}"#.into(),
-        )
-        .unwrap();
+        let raw = br#"{"username":"alice","gateway_id":"gateway-001","remote_ip":"1.2.3.4","timestamp":1700000000000}"#;
+        let r = parse_route("alice", raw).unwrap();
         assert_eq!(r.gateway_id, "gateway-001");
         assert_eq!(r.timestamp, 1_700_000_000_000);
-        assert!(parse_route("a", "not json".into()).is_none());
-        assert!(parse_route("a", r#"{"username":"a","gateway_id":""}"#.into()).is_none());
+        assert_eq!(
+            parse_gateway_id("alice", raw).as_deref(),
+            Some("gateway-001")
+        );
+        let escaped = br#"{"gateway_id":"gate\u0077ay-2","username":"b"}"#;
+        assert_eq!(parse_gateway_id("b", escaped).as_deref(), Some("gateway-2"));
+        for bad in [
+            &b"not json"[..],
+            br#"{"username":"a","gateway_id":""}"#,
+            br#"{"username":"a"}"#,
+        ] {
+            assert!(parse_route("a", bad).is_none());
+            assert!(parse_gateway_id("a", bad).is_none());
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! use the same store and proto types as the service, so the contract lives
 //! in one place.
 
+pub mod bench;
 pub mod chaos;
 pub mod dlq;
 pub mod fault_proxy;
