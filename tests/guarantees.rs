@@ -111,9 +111,11 @@ async fn a_killed_pod_loses_nothing() {
     eprintln!("after SIGKILL: {expected} deliveries, {dups} duplicates");
     // Only pushes the gateway had received but the dead pod had not yet
     // recorded can repeat: those in flight on the stream (at most
-    // gateway.max_in_flight) and answered chunks still being recorded.
-    // Without progress tracking every recipient of every unacked event would.
-    let bound = 2 * config.gateway.max_in_flight as u64;
+    // gateway.max_in_flight, or one batch-v1 frame if that is larger) and
+    // answered chunks still being recorded. Without progress tracking every
+    // recipient of every unacked event would.
+    let frame = config.dispatch.batch_size.min(users.len());
+    let bound = 2 * config.gateway.max_in_flight.max(frame) as u64;
     assert!(dups <= bound, "duplicates {dups} above {bound}");
     second.stop().await;
     g1.stop().await;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -569,6 +569,50 @@ async fn batch_v1_where_advertised_and_per_user_elsewhere() {
     })
     .await;
     assert_eq!(g1.ledger.stats().batches, 3, "no new frames");
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
+}
+
+/// Many events of two sessions handled concurrently by one pod: every user
+/// receives each session's messages in the order they were published, on
+/// both push protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_s_messages_arrive_in_publish_order() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b", "x"]).await;
+    let mut upstream = stack.gateway_options("gateway-002", &["c", "y"]);
+    upstream.batch = false;
+    let g2 = resonance_task::gateway::reference::ReferenceGateway::start(upstream)
+        .await
+        .unwrap();
+    stack.session(&store, "s", &["a", "b", "c"]).await;
+    stack.session(&store, "t", &["x", "y"]).await;
+    let mut config = stack.config();
+    config.consumer.worker_count = 64;
+    // The guarantee covers first attempts; generous timeouts keep a loaded
+    // machine from turning a slow push into a retry.
+    config.gateway.request_timeout = Duration::from_secs(60);
+    config.consumer.ack_wait = Duration::from_secs(120);
+    let (nats, pod) = stack.pod(&config).await;
+    let mut published: HashMap<&str, Vec<i64>> = HashMap::new();
+    for id in 1..=400 {
+        let session = if id % 3 == 0 { "t" } else { "s" };
+        let sender = if session == "s" { "a" } else { "x" };
+        publish(&nats, &config.consumer.topic, &event(id, session, sender)).await;
+        published.entry(session).or_default().push(id);
+    }
+    eventually("all delivered", || async {
+        g1.ledger.arrivals("b").len() == published["s"].len()
+            && g2.ledger.arrivals("c").len() == published["s"].len()
+            && g2.ledger.arrivals("y").len() == published["t"].len()
+    })
+    .await;
+    assert_eq!(g1.ledger.arrivals("b"), published["s"], "batch-v1 gateway");
+    assert_eq!(g2.ledger.arrivals("c"), published["s"], "per-user gateway");
+    assert_eq!(g1.ledger.arrivals("x"), published["t"]);
+    assert_eq!(g2.ledger.arrivals("y"), published["t"]);
     pod.stop().await;
     g1.stop().await;
     g2.stop().await;

@@ -43,6 +43,7 @@ pub async fn run(
                 None => break,
             },
         };
+        let turn = handler.turn(&message.payload);
         let handler = handler.clone();
         let client = client.clone();
         let dead_letter_topic = cfg.dead_letter_topic.clone();
@@ -58,6 +59,7 @@ pub async fn run(
                     message.headers.as_ref(),
                     attempt,
                     &CancellationToken::new(),
+                    turn,
                 )
                 .await;
             if let Decision::DeadLetter { reason, last_error } = &decision {

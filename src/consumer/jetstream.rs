@@ -20,6 +20,7 @@ use super::dead_letter::{self, DeadLetterInfo};
 use super::{Attempt, Decision, EventHandler};
 use crate::backoff::Backoff;
 use crate::config::ConsumerConfig;
+use crate::dispatch::Turn;
 use crate::telemetry::{self, admin::Readiness};
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +207,7 @@ pub async fn run(
             };
             match next {
                 Some(Ok(message)) => {
+                    let turn = handler.turn(&message.payload);
                     let (handler, js, cfg, abort) = (
                         handler.clone(),
                         js.clone(),
@@ -215,7 +217,7 @@ pub async fn run(
                     let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
                     in_flight.increment(1.0);
                     tracker.spawn(async move {
-                        settle(&js, &cfg, &handler, message, &abort).await;
+                        settle(&js, &cfg, &handler, message, &abort, turn).await;
                         in_flight.decrement(1.0);
                         drop(permit);
                     });
@@ -296,6 +298,7 @@ async fn settle(
     handler: &EventHandler,
     message: jetstream::Message,
     abort: &CancellationToken,
+    turn: Turn,
 ) {
     let (delivery, stream_sequence) = match message.info() {
         Ok(info) => (info.delivered, Some(info.stream_sequence)),
@@ -309,7 +312,13 @@ async fn settle(
     // not hand the event to a second pod meanwhile.
     let mut in_progress = tokio::time::interval(cfg.ack_wait / 3);
     in_progress.tick().await;
-    let handling = handler.handle(&message.payload, message.headers.as_ref(), attempt, abort);
+    let handling = handler.handle(
+        &message.payload,
+        message.headers.as_ref(),
+        attempt,
+        abort,
+        turn,
+    );
     tokio::pin!(handling);
     let decision = loop {
         tokio::select! {

@@ -16,7 +16,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::dispatch::{DispatchError, Dispatcher, FanoutReport};
+use crate::dispatch::{DispatchError, Dispatcher, FanoutReport, SessionOrder, Turn};
 use crate::proto::PushEvent;
 use crate::telemetry;
 pub use tally::Tally;
@@ -108,6 +108,7 @@ pub struct EventHandler {
     dispatcher: Dispatcher,
     retry: RetryPolicy,
     tally: Tally,
+    order: SessionOrder,
 }
 
 /// Copies `traceparent`/`tracestate` from NATS headers into an event that
@@ -140,6 +141,16 @@ impl EventHandler {
             dispatcher,
             retry,
             tally,
+            order: SessionOrder::default(),
+        }
+    }
+
+    /// The turn of a received payload in its session's order; intake calls
+    /// this in arrival order, before handing the payload to a worker.
+    pub fn turn(&self, payload: &[u8]) -> Turn {
+        match crate::dispatch::order::session_id_of(payload) {
+            Some(session_id) => self.order.enter(session_id),
+            None => Turn::free(),
         }
     }
 
@@ -151,8 +162,9 @@ impl EventHandler {
         &self,
         event: &PushEvent,
         token: &str,
+        turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
-        let mut result = self.dispatcher.dispatch(event, token).await;
+        let mut result = self.dispatcher.dispatch(event, token, turn).await;
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
         for _ in 0..self.retry.max_retry {
             match &mut result {
@@ -172,7 +184,7 @@ impl EventHandler {
                     // attempt (ours or another delivery's) can take it.
                     let _ = self.dispatcher.finish(event.msg_id, token, false).await;
                     tokio::time::sleep(backoff.next_delay()).await;
-                    result = self.dispatcher.dispatch(event, token).await;
+                    result = self.dispatcher.dispatch(event, token, Turn::free()).await;
                 }
                 _ => break,
             }
@@ -188,13 +200,15 @@ impl EventHandler {
     /// When `abort` fires first, the fan-out is dropped where it stands,
     /// the event's claim is released and it is handed back.
     /// `headers` are the NATS message's headers: their W3C trace context is
-    /// used when the event's own `trace_headers` carry none.
+    /// used when the event's own `trace_headers` carry none. `turn` comes
+    /// from [`EventHandler::turn`], taken when the payload was received.
     pub async fn handle(
         &self,
         payload: &[u8],
         headers: Option<&async_nats::HeaderMap>,
         attempt: Attempt,
         abort: &CancellationToken,
+        turn: Turn,
     ) -> Decision {
         let mut event = match PushEvent::decode(payload) {
             Ok(e) => e,
@@ -214,7 +228,7 @@ impl EventHandler {
             .record(telemetry::metrics::seconds_since_ms(event.timestamp));
         let token = handling_token();
         let result = tokio::select! {
-            r = self.dispatch_with_retries(&event, &token) => r,
+            r = self.dispatch_with_retries(&event, &token, turn) => r,
             _ = abort.cancelled() => {
                 tracing::warn!(msg_id = event.msg_id, session_id = %event.session_id, "shutdown grace over; handing the event back");
                 let _ = self.dispatcher.finish(event.msg_id, &token, false).await;

@@ -3,6 +3,7 @@
 //! result is a [`FanoutReport`] saying what happened to every recipient;
 //! the consumer turns it into an ack, a retry or a dead letter.
 
+pub mod order;
 pub mod plan;
 
 use std::collections::HashMap;
@@ -12,11 +13,12 @@ use futures::future::join_all;
 use tracing::Instrument;
 
 use crate::config::DispatchConfig;
-use crate::gateway::{GatewayPool, PushFailure, PushOutcome, PushReply};
+use crate::gateway::{Answer, GatewayPool, PushFailure, PushOutcome, PushReply};
 use crate::proto::{PushEvent, PushMessage};
-use crate::registry::{GatewayEndpoint, GatewayRegistry};
+use crate::registry::GatewayRegistry;
 use crate::store::{MemberError, MemberStore, Progress, ProgressStore, RedisError, RouteStore};
 use crate::telemetry;
+pub use order::{SessionOrder, Turn};
 use plan::OfflineReason;
 
 #[derive(Debug, thiserror::Error)]
@@ -159,10 +161,13 @@ impl Dispatcher {
     /// reports every recipient. `token` names this handling in the event's
     /// claim; call [`Dispatcher::finish`] with it afterwards. The event's
     /// trace context, if any, becomes the parent of the dispatch span.
+    /// `turn` is the event's place in its session's order: its pushes are
+    /// written only after the previous event's (see `order`).
     pub async fn dispatch(
         &self,
         event: &PushEvent,
         token: &str,
+        turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
         let span = tracing::info_span!(
             "dispatch",
@@ -172,7 +177,10 @@ impl Dispatcher {
         );
         telemetry::trace::continue_from(&span, &event.trace_headers);
         let started = Instant::now();
-        let result = self.dispatch_in_span(event, token).instrument(span).await;
+        let result = self
+            .dispatch_in_span(event, token, turn)
+            .instrument(span)
+            .await;
         metrics::histogram!(telemetry::metrics::DISPATCH_DURATION)
             .record(started.elapsed().as_secs_f64());
         result
@@ -182,6 +190,7 @@ impl Dispatcher {
         &self,
         event: &PushEvent,
         token: &str,
+        turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
         validate(event)?;
         let (members, progress) = tokio::join!(
@@ -205,7 +214,7 @@ impl Dispatcher {
         recipients.retain(|u| !progress.delivered.contains(u));
         let already_delivered = before - recipients.len();
         count_deliveries("deduplicated", NO_GATEWAY, already_delivered);
-        let mut report = self.fan_out(event, recipients).await?;
+        let mut report = self.fan_out(event, recipients, turn).await?;
         report.members = member_count;
         report.already_delivered = already_delivered;
         Ok(report)
@@ -226,25 +235,22 @@ impl Dispatcher {
             recipients = recipients.len()
         );
         telemetry::trace::continue_from(&span, &event.trace_headers);
-        self.fan_out(event, recipients).instrument(span).await
+        self.fan_out(event, recipients, Turn::free())
+            .instrument(span)
+            .await
     }
 
-    /// Pushes one chunk and records whom it reached.
-    async fn push_chunk(
+    /// Waits for one chunk's answer and records whom it reached.
+    async fn settle_chunk(
         &self,
-        endpoint: GatewayEndpoint,
-        message: PushMessage,
-        recipients: Vec<String>,
-        trace_headers: HashMap<String, String>,
+        gateway_id: String,
+        msg_id: i64,
+        sent: Instant,
+        answer: Answer,
     ) -> (String, PushReply) {
-        let msg_id = message.msg_id;
-        let started = Instant::now();
-        let reply = self
-            .pool
-            .push(&endpoint, message, recipients, trace_headers)
-            .await;
-        metrics::histogram!(telemetry::metrics::GATEWAY_ROUND_TRIP, "gateway_id" => endpoint.gateway_id.clone())
-            .record(started.elapsed().as_secs_f64());
+        let reply = answer.wait().await;
+        metrics::histogram!(telemetry::metrics::GATEWAY_ROUND_TRIP, "gateway_id" => gateway_id.clone())
+            .record(sent.elapsed().as_secs_f64());
         if let Some(progress) = &self.progress {
             let reached: Vec<&str> = reply
                 .recipients
@@ -257,13 +263,43 @@ impl Dispatcher {
                 tracing::warn!(msg_id, error = %e, "delivery progress not recorded; a redelivery may repeat these pushes");
             }
         }
-        (endpoint.gateway_id, reply)
+        (gateway_id, reply)
+    }
+
+    /// Queues one gateway's chunks on its stream, in order.
+    async fn enqueue_gateway(
+        &self,
+        batch: plan::GatewayBatch,
+        message: &PushMessage,
+        trace_headers: &HashMap<String, String>,
+    ) -> Vec<(String, Instant, Answer)> {
+        let endpoint = batch.endpoint;
+        let chunk = if self.pool.uses_batch(&endpoint) {
+            self.cfg.batch_size
+        } else {
+            self.cfg.push_chunk_size
+        };
+        let mut answers = Vec::new();
+        for recipients in plan::split(batch.recipients, chunk) {
+            let answer = self
+                .pool
+                .enqueue(
+                    &endpoint,
+                    message.clone(),
+                    recipients,
+                    trace_headers.clone(),
+                )
+                .await;
+            answers.push((endpoint.gateway_id.clone(), Instant::now(), answer));
+        }
+        answers
     }
 
     async fn fan_out(
         &self,
         event: &PushEvent,
         recipients: Vec<String>,
+        mut turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
         let started = Instant::now();
         let routes = self
@@ -280,32 +316,27 @@ impl Dispatcher {
         // Each gateway's recipients go in chunks (one batch-v1 frame each, or
         // that many per-user requests), all in flight at once on its stream;
         // a chunk's deliveries are recorded as soon as it is answered, so a
-        // crash re-pushes at most the chunks in flight.
-        let pushes = plan.batches.into_iter().flat_map(|batch| {
+        // crash re-pushes at most the chunks in flight. Chunks are queued
+        // only after the session's previous event queued its own, and the
+        // next event may queue as soon as these are (answers come later).
+        turn.wait().await;
+        let queued = join_all(plan.batches.into_iter().map(|batch| {
             let span = tracing::debug_span!(
                 "gateway_batch",
                 gateway_id = %batch.endpoint.gateway_id,
                 recipients = batch.recipients.len()
             );
-            let endpoint = batch.endpoint;
-            let chunk = if self.pool.uses_batch(&endpoint) {
-                self.cfg.batch_size
-            } else {
-                self.cfg.push_chunk_size
-            };
-            plan::split(batch.recipients, chunk)
-                .into_iter()
-                .map(|recipients| {
-                    let push = self.push_chunk(
-                        endpoint.clone(),
-                        message.clone(),
-                        recipients,
-                        trace_headers.clone(),
-                    );
-                    push.instrument(span.clone())
-                })
-                .collect::<Vec<_>>()
-        });
+            self.enqueue_gateway(batch, &message, &trace_headers)
+                .instrument(span)
+        }))
+        .await;
+        turn.release();
+        let pushes = queued
+            .into_iter()
+            .flatten()
+            .map(|(gateway_id, sent, answer)| {
+                self.settle_chunk(gateway_id, event.msg_id, sent, answer)
+            });
         let results = join_all(pushes).await;
         for (user, reason) in &plan.offline {
             tracing::trace!(username = %user, reason = reason.as_str(), "offline");

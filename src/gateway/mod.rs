@@ -17,7 +17,7 @@ mod stream;
 use std::fmt;
 use std::sync::Arc;
 
-pub use pool::GatewayPool;
+pub use pool::{Answer, GatewayPool};
 
 /// The answer to one push: the recipients it was given, back, and what
 /// happened to each, in the same order.

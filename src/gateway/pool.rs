@@ -34,6 +34,17 @@ struct Inner {
     generations: AtomicU64,
 }
 
+/// The answer to a queued push.
+pub struct Answer(oneshot::Receiver<PushReply>);
+
+impl Answer {
+    pub async fn wait(self) -> PushReply {
+        self.0
+            .await
+            .expect("a push is always answered, if only by being dropped")
+    }
+}
+
 #[derive(Clone)]
 pub struct GatewayPool {
     inner: Arc<Inner>,
@@ -63,13 +74,30 @@ impl GatewayPool {
         recipients: Vec<String>,
         trace_headers: HashMap<String, String>,
     ) -> PushReply {
+        self.enqueue(endpoint, message, recipients, trace_headers)
+            .await
+            .wait()
+            .await
+    }
+
+    /// Hands a push to `endpoint`'s stream and returns once it is queued
+    /// there: pushes queued one after another are written to the gateway
+    /// in that order. The answer comes later, through [`Answer::wait`].
+    pub async fn enqueue(
+        &self,
+        endpoint: &GatewayEndpoint,
+        message: PushMessage,
+        recipients: Vec<String>,
+        trace_headers: HashMap<String, String>,
+    ) -> Answer {
+        let (reply, answer) = oneshot::channel();
         if recipients.is_empty() {
-            return PushReply {
+            let _ = reply.send(PushReply {
                 recipients,
                 outcomes: Vec::new(),
-            };
+            });
+            return Answer(answer);
         }
-        let (reply, answer) = oneshot::channel();
         let gateway_id: Arc<str> = endpoint.gateway_id.as_str().into();
         let command = PushCommand {
             message,
@@ -79,9 +107,7 @@ impl GatewayPool {
         // A command that cannot be queued, or is dropped unanswered, answers
         // itself: every recipient failed.
         let _ = self.sender_for(endpoint).send(command).await;
-        answer
-            .await
-            .expect("a push is always answered, if only by being dropped")
+        Answer(answer)
     }
 
     /// Whether pushes to `endpoint` go over batch-v1.

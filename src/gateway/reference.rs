@@ -139,6 +139,8 @@ pub struct GatewayStats {
 
 struct Received {
     deliveries: HashMap<(String, i64), u32>,
+    /// Per user, msg_ids in arrival order.
+    arrivals: HashMap<String, Vec<i64>>,
     rejected: u64,
     received: u64,
     streams: u64,
@@ -205,6 +207,7 @@ impl Ledger {
             received: Mutex::new(Received {
                 received: deliveries.values().map(|c| u64::from(*c)).sum(),
                 deliveries,
+                arrivals: HashMap::new(),
                 rejected: 0,
                 streams: 0,
                 batches: 0,
@@ -282,6 +285,10 @@ impl Ledger {
             *r.deliveries
                 .entry((user.to_string(), message.msg_id))
                 .or_default() += 1;
+            r.arrivals
+                .entry(user.to_string())
+                .or_default()
+                .push(message.msg_id);
         }
         r.last_delivery_us = r.last_delivery_us.max(now_us);
         let latency = (now_us - message.timestamp.saturating_mul(1000)).max(1) as u64;
@@ -326,6 +333,12 @@ impl Ledger {
             .get(&(user.to_string(), msg_id))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The msg_ids `user` received, in arrival order.
+    pub fn arrivals(&self, user: &str) -> Vec<i64> {
+        let r = self.received.lock().expect("ledger lock");
+        r.arrivals.get(user).cloned().unwrap_or_default()
     }
 
     /// Every delivered (user, msg_id) pair with its count.
