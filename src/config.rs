@@ -398,6 +398,9 @@ pub struct DispatchConfig {
     pub member_cache_ttl: Duration,
     /// Members the cache holds at most, over all sessions.
     pub member_cache_capacity: u64,
+    /// Core-NATS subject whose messages (a session id as UTF-8) drop that
+    /// session from the member cache at once; empty: no subscription.
+    pub session_changed_topic: String,
 }
 
 impl Default for DispatchConfig {
@@ -410,6 +413,7 @@ impl Default for DispatchConfig {
             batch_size: 512,
             member_cache_ttl: Duration::from_secs(2),
             member_cache_capacity: 1_000_000,
+            session_changed_topic: "resonance.session.changed.v1".into(),
         }
     }
 }
@@ -666,6 +670,17 @@ impl Config {
             return Err(ConfigError::invalid(
                 "dispatch.batch_size",
                 "must be between 1 and 100000",
+            ));
+        }
+        if self
+            .dispatch
+            .session_changed_topic
+            .chars()
+            .any(char::is_whitespace)
+        {
+            return Err(ConfigError::invalid(
+                "dispatch.session_changed_topic",
+                "a NATS subject has no whitespace",
             ));
         }
         if self.dispatch.route_concurrency == 0 {

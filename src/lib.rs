@@ -202,6 +202,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result.map(|_| ())
 }
 
+/// Drops a session from the member cache whenever its id arrives on
+/// `dispatch.session_changed_topic`.
+async fn follow_session_changes(
+    mut changes: async_nats::Subscriber,
+    members: MemberStore,
+    cancel: CancellationToken,
+) {
+    use futures::StreamExt;
+    loop {
+        let change = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = changes.next() => match c {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let session_id = String::from_utf8_lossy(&change.payload);
+        let session_id = session_id.trim();
+        if session_id.is_empty() {
+            tracing::warn!(subject = %change.subject, "membership change without a session id; ignored");
+            continue;
+        }
+        members.invalidate(session_id).await;
+        metrics::counter!(telemetry::metrics::MEMBER_CACHE_INVALIDATIONS).increment(1);
+        tracing::debug!(session_id, "session members changed; cache entry dropped");
+    }
+}
+
 /// Connects the dependencies, then consumes until `cancel` fires. Returns
 /// the NATS client (to flush acks) unless shutdown came before it connected.
 async fn serve(
@@ -249,6 +277,7 @@ async fn serve(
         config.dispatch.route_chunk_size,
         config.dispatch.route_concurrency,
     );
+    let cached_members = members.clone();
     let registry = GatewayRegistry::spawn(config, tracker, cancel.clone());
     tokio::select! {
         _ = cancel.cancelled() => return Ok(None),
@@ -278,6 +307,23 @@ async fn serve(
     else {
         return Ok(None);
     };
+    let topic = &config.dispatch.session_changed_topic;
+    if !topic.is_empty() && !config.dispatch.member_cache_ttl.is_zero() {
+        match nats.subscribe(topic.clone()).await {
+            Ok(changes) => {
+                // Registered before events flow, so no change is missed.
+                let _ = nats.flush().await;
+                tracker.spawn(follow_session_changes(
+                    changes,
+                    cached_members,
+                    cancel.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "cannot follow membership changes; the member cache expires by its TTL only")
+            }
+        }
+    }
     match config.consumer.mode {
         ConsumerMode::Jetstream => {
             let shutdown = consumer::jetstream::Shutdown {

@@ -617,3 +617,45 @@ async fn a_session_s_messages_arrive_in_publish_order() {
     g1.stop().await;
     g2.stop().await;
 }
+
+/// With a long member cache TTL, a member added to a session gets the next
+/// message only because its session id was published on
+/// `dispatch.session_changed_topic`; a session not named stays cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_message_refreshes_the_cache_at_once() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b", "c", "x", "y", "z"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    stack.session(&store, "h", &["x", "y"]).await;
+    let mut config = stack.config();
+    config.dispatch.member_cache_ttl = Duration::from_secs(3600);
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "g", "a")).await;
+    publish(&nats, &config.consumer.topic, &event(2, "h", "x")).await;
+    eventually("first messages", || async {
+        g1.ledger.count("b", 1) == 1 && g1.ledger.count("y", 2) == 1
+    })
+    .await;
+    stack.session(&store, "g", &["c"]).await;
+    stack.session(&store, "h", &["z"]).await;
+    nats.publish(config.dispatch.session_changed_topic.clone(), "g".into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    // The change is applied by its own task, so poll with fresh events.
+    let next_id = std::sync::atomic::AtomicI64::new(3);
+    eventually("the change is seen", || async {
+        let id = next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        publish(&nats, &config.consumer.topic, &event(id, "g", "a")).await;
+        wait_settled(&nats, &config).await;
+        g1.ledger.count("c", id) == 1
+    })
+    .await;
+    publish(&nats, &config.consumer.topic, &event(1000, "h", "x")).await;
+    eventually("h delivered", || async { g1.ledger.count("y", 1000) == 1 }).await;
+    wait_settled(&nats, &config).await;
+    assert_eq!(g1.ledger.count("z", 1000), 0, "h is still served from the cache");
+    pod.stop().await;
+    g1.stop().await;
+}

@@ -111,6 +111,18 @@ impl MemberStore {
         self
     }
 
+    /// Forgets the cached members of `session_id`, so the next event reads
+    /// them from SQL. Returns whether a cache is in use.
+    pub async fn invalidate(&self, session_id: &str) -> bool {
+        match &self.cache {
+            Some(cache) => {
+                cache.entries.invalidate(session_id).await;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Usernames of every member of `session_id` (empty if none), from the
     /// cache when it has them.
     pub async fn members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {

@@ -28,6 +28,7 @@ pub const EVENTS_IN_FLIGHT: &str = "resonance_task_events_in_flight";
 pub const REGISTRY_GATEWAYS: &str = "resonance_task_registry_gateways";
 /// Share of member lookups served from the in-process cache.
 pub const MEMBER_CACHE_HIT_RATIO: &str = "resonance_task_member_cache_hit_ratio";
+pub const MEMBER_CACHE_INVALIDATIONS: &str = "resonance_task_member_cache_invalidations_total";
 /// Events waiting in the durable consumer (JetStream num_pending): lag.
 pub const CONSUMER_PENDING: &str = "resonance_task_consumer_pending";
 /// Events delivered to a pod but not yet acked (JetStream num_ack_pending).
@@ -84,6 +85,10 @@ pub fn describe() {
     describe_gauge!(EVENTS_IN_FLIGHT, "Events being handled");
     describe_gauge!(REGISTRY_GATEWAYS, "Gateways in the registry map");
     describe_gauge!(MEMBER_CACHE_HIT_RATIO, "Member lookups served from cache");
+    describe_counter!(
+        MEMBER_CACHE_INVALIDATIONS,
+        "Sessions dropped from the member cache by a membership-change message"
+    );
     describe_gauge!(CONSUMER_PENDING, "Events waiting in the durable consumer");
     describe_gauge!(CONSUMER_ACK_PENDING, "Events delivered but not yet acked");
     describe_counter!(RECONNECTS, "Reconnects by dependency");
