@@ -116,6 +116,10 @@ struct BenchArgs {
     sweep: bool,
     #[arg(long, default_value = "docs")]
     sweep_dir: PathBuf,
+    /// Also fan out 30 events of 100,000 members through a pod process
+    /// while one gateway answers slowly, and report the pod's peak memory
+    #[arg(long)]
+    storm: bool,
     /// No progress bar on stderr
     #[arg(long)]
     no_progress: bool,
@@ -379,6 +383,7 @@ async fn dispatch(command: Command, config: Config) -> Result<()> {
                 latency_group_size: args.latency_group_size,
                 latency_seconds: args.latency_seconds,
                 sweep: args.sweep.then_some(args.sweep_dir),
+                storm: args.storm,
                 progress: !args.no_progress && std::io::stderr().is_terminal(),
                 tuning: config,
             })

@@ -625,7 +625,9 @@ async fn a_session_s_messages_arrive_in_publish_order() {
 async fn a_membership_change_message_refreshes_the_cache_at_once() {
     let stack = Stack::start().await;
     let store = stack.db.member_store().await;
-    let g1 = stack.gateway("gateway-001", &["a", "b", "c", "x", "y", "z"]).await;
+    let g1 = stack
+        .gateway("gateway-001", &["a", "b", "c", "x", "y", "z"])
+        .await;
     stack.session(&store, "g", &["a", "b"]).await;
     stack.session(&store, "h", &["x", "y"]).await;
     let mut config = stack.config();
@@ -655,7 +657,66 @@ async fn a_membership_change_message_refreshes_the_cache_at_once() {
     publish(&nats, &config.consumer.topic, &event(1000, "h", "x")).await;
     eventually("h delivered", || async { g1.ledger.count("y", 1000) == 1 }).await;
     wait_settled(&nats, &config).await;
-    assert_eq!(g1.ledger.count("z", 1000), 0, "h is still served from the cache");
+    assert_eq!(
+        g1.ledger.count("z", 1000),
+        0,
+        "h is still served from the cache"
+    );
     pod.stop().await;
     g1.stop().await;
+}
+
+/// A group far larger than one lookup window goes out window by window:
+/// every member exactly once, frames never larger than `batch_size`, and
+/// the session's order kept across events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_group_goes_out_window_by_window() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let users: Vec<String> = (0..1200).map(|i| format!("m{i:04}")).collect();
+    let (left, right) = users.split_at(600);
+    let left: Vec<&str> = left.iter().map(String::as_str).collect();
+    let right: Vec<&str> = right.iter().map(String::as_str).collect();
+    let g1 = stack.gateway("gateway-001", &left).await;
+    let mut upstream = stack.gateway_options("gateway-002", &right);
+    upstream.batch = false;
+    let g2 = resonance_task::gateway::reference::ReferenceGateway::start(upstream)
+        .await
+        .unwrap();
+    let all: Vec<&str> = users.iter().map(String::as_str).collect();
+    stack.session(&store, "big", &all).await;
+    let mut config = stack.config();
+    config.dispatch.route_chunk_size = 25;
+    config.dispatch.route_concurrency = 2;
+    config.dispatch.batch_size = 20;
+    config.dispatch.push_chunk_size = 7;
+    let (nats, pod) = stack.pod(&config).await;
+    for id in 1..=3 {
+        publish(&nats, &config.consumer.topic, &event(id, "big", "m0000")).await;
+    }
+    eventually("every member reached", || async {
+        g1.ledger.stats().distinct == 3 * 600 && g2.ledger.stats().distinct == 3 * 600
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    let (s1, s2) = (g1.ledger.stats(), g2.ledger.stats());
+    assert_eq!((s1.duplicates, s2.duplicates), (0, 0));
+    // Windows of 50 hold about 25 users of each gateway: two frames each.
+    assert!(
+        s1.batches >= 3 * 600 / 20,
+        "frames of at most 20: {}",
+        s1.batches
+    );
+    for user in [left[0], left[599], right[0], right[599]] {
+        let arrivals = g1.ledger.arrivals(user);
+        let arrivals = if arrivals.is_empty() {
+            g2.ledger.arrivals(user)
+        } else {
+            arrivals
+        };
+        assert_eq!(arrivals, vec![1, 2, 3], "{user}");
+    }
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
 }

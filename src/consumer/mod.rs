@@ -301,7 +301,7 @@ mod tests {
     fn report(failed: usize) -> FanoutReport {
         FanoutReport {
             members: 3,
-            delivered: vec!["a".into()],
+            delivered: 1,
             offline: vec![("b".into(), OfflineReason::NoRoute)],
             duplicate: false,
             busy: false,

@@ -64,7 +64,7 @@ impl Tally {
     pub fn recipients(&self, r: &FanoutReport) {
         self.0
             .delivered
-            .fetch_add(r.delivered.len() as u64, Ordering::Relaxed);
+            .fetch_add(r.delivered as u64, Ordering::Relaxed);
         self.0
             .offline
             .fetch_add(r.offline.len() as u64, Ordering::Relaxed);

@@ -9,11 +9,15 @@ pub mod plan;
 use std::collections::HashMap;
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use tracing::Instrument;
 
 use crate::config::DispatchConfig;
-use crate::gateway::{Answer, GatewayPool, PushFailure, PushOutcome, PushReply};
+use crate::gateway::{Answer, FailureKind, GatewayPool, PushFailure, PushOutcome, PushReply};
 use crate::proto::{PushEvent, PushMessage};
 use crate::registry::GatewayRegistry;
 use crate::store::{MemberError, MemberStore, Progress, ProgressStore, RedisError, RouteStore};
@@ -51,7 +55,9 @@ pub struct FanoutReport {
     pub busy: bool,
     /// Recipients an earlier attempt already delivered (not pushed again).
     pub already_delivered: usize,
-    pub delivered: Vec<String>,
+    /// Recipients a gateway confirmed (counted, not listed: a large group
+    /// would otherwise hold every name until the event ends).
+    pub delivered: usize,
     pub offline: Vec<(String, OfflineReason)>,
     pub failed: Vec<(String, PushFailure)>,
     pub gateways: usize,
@@ -65,7 +71,7 @@ impl FanoutReport {
 
     /// Folds in the report of a retry of this report's failed recipients.
     pub fn absorb_retry(&mut self, retry: FanoutReport) {
-        self.delivered.extend(retry.delivered);
+        self.delivered += retry.delivered;
         self.offline.extend(retry.offline);
         self.failed = retry.failed;
         self.gateways = self.gateways.max(retry.gateways);
@@ -194,7 +200,7 @@ impl Dispatcher {
     ) -> Result<FanoutReport, DispatchError> {
         validate(event)?;
         let (members, progress) = tokio::join!(
-            self.members.members(&event.session_id),
+            self.members.shared(&event.session_id),
             self.claim(event.msg_id, token)
         );
         let (members, progress) = (members?, progress?);
@@ -208,13 +214,18 @@ impl Dispatcher {
             });
         }
         let member_count = members.len();
-        let mut recipients =
-            plan::recipients(members, &event.from_username, self.cfg.push_to_sender);
-        let before = recipients.len();
-        recipients.retain(|u| !progress.delivered.contains(u));
-        let already_delivered = before - recipients.len();
+        let (picked, already_delivered) = plan::recipients(
+            &members,
+            &event.from_username,
+            self.cfg.push_to_sender,
+            &progress.delivered,
+        );
         count_deliveries("deduplicated", NO_GATEWAY, already_delivered);
-        let mut report = self.fan_out(event, recipients, turn).await?;
+        let targets = Targets {
+            names: members,
+            picked,
+        };
+        let mut report = self.fan_out(event, targets, turn).await?;
         report.members = member_count;
         report.already_delivered = already_delivered;
         Ok(report)
@@ -235,7 +246,7 @@ impl Dispatcher {
             recipients = recipients.len()
         );
         telemetry::trace::continue_from(&span, &event.trace_headers);
-        self.fan_out(event, recipients, Turn::free())
+        self.fan_out(event, Targets::all(recipients), Turn::free())
             .instrument(span)
             .await
     }
@@ -295,83 +306,115 @@ impl Dispatcher {
         answers
     }
 
+    /// Pushes to `targets` window by window: each window's routes are
+    /// looked up, planned and queued on the gateway streams before the next
+    /// window is touched, so an event holds at most one window of names and
+    /// routes besides what its streams have in flight, however large its
+    /// session. A full stream makes queuing wait, which holds the next
+    /// window back.
     async fn fan_out(
         &self,
         event: &PushEvent,
-        recipients: Vec<String>,
-        mut turn: Turn,
+        targets: Targets,
+        turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
+        let mut turn = turn;
         let started = Instant::now();
-        let routes = self
-            .routes
-            .gateway_ids(&recipients)
-            .await
-            .map_err(DispatchError::Routes)?;
-        let gateways = self.registry.snapshot();
-        let plan = plan::plan(recipients, routes, &gateways);
         let message = gateway_message(event);
         let trace_headers = telemetry::trace::headers_of(&tracing::Span::current());
-
-        let gateways = plan.batches.len();
-        // Each gateway's recipients go in chunks (one batch-v1 frame each, or
-        // that many per-user requests), all in flight at once on its stream;
-        // a chunk's deliveries are recorded as soon as it is answered, so a
-        // crash re-pushes at most the chunks in flight. Chunks are queued
-        // only after the session's previous event queued its own, and the
-        // next event may queue as soon as these are (answers come later).
-        turn.wait().await;
-        let queued = join_all(plan.batches.into_iter().map(|batch| {
-            let span = tracing::debug_span!(
-                "gateway_batch",
-                gateway_id = %batch.endpoint.gateway_id,
-                recipients = batch.recipients.len()
-            );
-            self.enqueue_gateway(batch, &message, &trace_headers)
-                .instrument(span)
-        }))
-        .await;
-        turn.release();
-        let pushes = queued
-            .into_iter()
-            .flatten()
-            .map(|(gateway_id, sent, answer)| {
-                self.settle_chunk(gateway_id, event.msg_id, sent, answer)
-            });
-        let results = join_all(pushes).await;
-        for (user, reason) in &plan.offline {
-            tracing::trace!(username = %user, reason = reason.as_str(), "offline");
-        }
-        count_deliveries("offline", NO_GATEWAY, plan.offline.len());
-        let mut report = FanoutReport {
-            offline: plan.offline,
-            gateways,
-            ..Default::default()
-        };
-        for (gateway_id, reply) in results {
-            let (mut delivered, mut offline, mut failed) = (0, 0, 0);
-            for (user, outcome) in reply.recipients.into_iter().zip(reply.outcomes) {
-                match outcome {
-                    PushOutcome::Delivered => {
-                        delivered += 1;
-                        report.delivered.push(user);
+        let window = (self.cfg.route_chunk_size * self.cfg.route_concurrency)
+            .max(self.cfg.batch_size)
+            .max(1);
+        // Queuing (windows in order) and settling (answers as they come,
+        // recording progress) run side by side, so answered chunks free
+        // their names while later windows are still being queued.
+        let (queued_tx, mut queued_rx) = tokio::sync::mpsc::unbounded_channel();
+        let produce = async {
+            let mut report = FanoutReport::default();
+            let mut gateways = std::collections::HashSet::new();
+            let mut queued_any = false;
+            let mut windows = targets.picked.chunks(window);
+            while let Some(indices) = windows.next() {
+                let names: Vec<String> = indices
+                    .iter()
+                    .map(|&i| targets.names[i as usize].clone())
+                    .collect();
+                let routes = match self.routes.gateway_ids(&names).await {
+                    Ok(routes) => routes,
+                    // Nothing pushed yet: the event as a whole is retried.
+                    Err(e) if !queued_any => return Err(DispatchError::Routes(e)),
+                    // Earlier windows are out: these and the rest fail, and
+                    // only they are retried.
+                    Err(e) => {
+                        let failure = PushFailure::new(FailureKind::Lookup, NO_GATEWAY, &e);
+                        let rest = windows.by_ref().flatten();
+                        report.failed.extend(
+                            names
+                                .into_iter()
+                                .chain(rest.map(|&i| targets.names[i as usize].clone()))
+                                .map(|u| (u, failure.clone())),
+                        );
+                        break;
                     }
-                    PushOutcome::NotConnected(reason) => {
-                        offline += 1;
-                        tracing::debug!(username = %user, %reason, "gateway says not connected");
-                        report.offline.push((user, OfflineReason::NotConnected));
-                    }
-                    PushOutcome::Failed(failure) => {
-                        failed += 1;
-                        report.failed.push((user, failure));
-                    }
+                };
+                let plan = plan::plan(names, routes, &self.registry.snapshot());
+                for (user, reason) in &plan.offline {
+                    tracing::trace!(username = %user, reason = reason.as_str(), "offline");
+                }
+                count_deliveries("offline", NO_GATEWAY, plan.offline.len());
+                report.offline.extend(plan.offline);
+                gateways.extend(plan.batches.iter().map(|b| b.endpoint.gateway_id.clone()));
+                // Chunks are queued only after the session's previous event
+                // queued all of its own (the first wait does it); the next
+                // event may go once this one's last window is queued.
+                turn.wait().await;
+                let queued = join_all(plan.batches.into_iter().map(|batch| {
+                    let span = tracing::debug_span!(
+                        "gateway_batch",
+                        gateway_id = %batch.endpoint.gateway_id,
+                        recipients = batch.recipients.len()
+                    );
+                    self.enqueue_gateway(batch, &message, &trace_headers)
+                        .instrument(span)
+                }))
+                .await;
+                for chunk in queued.into_iter().flatten() {
+                    queued_any = true;
+                    let _ = queued_tx.send(chunk);
                 }
             }
-            count_deliveries("delivered", &gateway_id, delivered);
-            count_deliveries("offline", &gateway_id, offline);
-            count_deliveries("failed", &gateway_id, failed);
-        }
+            turn.release();
+            drop(queued_tx);
+            report.gateways = gateways.len();
+            Ok(report)
+        };
+        let settle = async {
+            let mut replies = FanoutReport::default();
+            let mut settling = FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    chunk = queued_rx.recv(), if open => match chunk {
+                        Some((gateway_id, sent, answer)) => {
+                            settling.push(self.settle_chunk(gateway_id, event.msg_id, sent, answer));
+                        }
+                        None => open = false,
+                    },
+                    Some((gateway_id, reply)) = settling.next(), if !settling.is_empty() => {
+                        replies.absorb_reply(&gateway_id, reply);
+                    }
+                    else => break,
+                }
+            }
+            replies
+        };
+        let (produced, replies) = tokio::join!(produce, settle);
+        let mut report = produced?;
+        report.delivered += replies.delivered;
+        report.offline.extend(replies.offline);
+        report.failed.extend(replies.failed);
         tracing::debug!(
-            delivered = report.delivered.len(),
+            delivered = report.delivered,
             offline = report.offline.len(),
             failed = report.failed.len(),
             gateways = report.gateways,
@@ -379,6 +422,48 @@ impl Dispatcher {
             "fan-out done"
         );
         Ok(report)
+    }
+}
+
+/// Whom to push to: some of a shared list of names, by index, so a large
+/// session's member list is not copied per event.
+struct Targets {
+    names: Arc<Vec<String>>,
+    picked: Vec<u32>,
+}
+
+impl Targets {
+    fn all(names: Vec<String>) -> Self {
+        let picked = (0..names.len() as u32).collect();
+        Self {
+            names: Arc::new(names),
+            picked,
+        }
+    }
+}
+
+impl FanoutReport {
+    /// Folds in one answered chunk.
+    fn absorb_reply(&mut self, gateway_id: &str, reply: PushReply) {
+        let (mut delivered, mut offline, mut failed) = (0, 0, 0);
+        for (user, outcome) in reply.recipients.into_iter().zip(reply.outcomes) {
+            match outcome {
+                PushOutcome::Delivered => delivered += 1,
+                PushOutcome::NotConnected(reason) => {
+                    offline += 1;
+                    tracing::debug!(username = %user, %reason, "gateway says not connected");
+                    self.offline.push((user, OfflineReason::NotConnected));
+                }
+                PushOutcome::Failed(failure) => {
+                    failed += 1;
+                    self.failed.push((user, failure));
+                }
+            }
+        }
+        self.delivered += delivered;
+        count_deliveries("delivered", gateway_id, delivered);
+        count_deliveries("offline", gateway_id, offline);
+        count_deliveries("failed", gateway_id, failed);
     }
 }
 

@@ -41,24 +41,29 @@ pub struct Plan {
     pub offline: Vec<(String, OfflineReason)>,
 }
 
-/// Recipients: the members, each once, without the sender unless
-/// `push_to_sender`.
-pub fn recipients(mut members: Vec<String>, sender: &str, push_to_sender: bool) -> Vec<String> {
-    if !push_to_sender {
-        members.retain(|m| m != sender);
+/// Recipients, as indexes into `members` (each name once; the member
+/// store deduplicates): without the sender unless `push_to_sender`, and
+/// without those in `reached` (an earlier attempt delivered to them), whose
+/// number comes back too. No name is copied.
+pub fn recipients(
+    members: &[String],
+    sender: &str,
+    push_to_sender: bool,
+    reached: &HashSet<String>,
+) -> (Vec<u32>, usize) {
+    let mut already = 0;
+    let mut picked = Vec::with_capacity(members.len());
+    for (i, m) in members.iter().enumerate() {
+        if !push_to_sender && m == sender {
+            continue;
+        }
+        if reached.contains(m) {
+            already += 1;
+            continue;
+        }
+        picked.push(i as u32);
     }
-    // Members come from a primary key, so repeats are rare: find them
-    // without copying any name, and rebuild only if there are some.
-    let first_time: Vec<bool> = {
-        let mut seen = HashSet::with_capacity(members.len());
-        members.iter().map(|m| seen.insert(m.as_str())).collect()
-    };
-    if first_time.iter().all(|&f| f) {
-        return members;
-    }
-    let mut keep = first_time.into_iter();
-    members.retain(|_| keep.next().unwrap_or(false));
-    members
+    (picked, already)
 }
 
 /// Splits `items` into owned chunks of at most `size`, in order, without
@@ -133,10 +138,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn sender_and_duplicates() {
-        let m = vec!["a".to_string(), "b".into(), "a".into(), "c".into()];
-        assert_eq!(recipients(m.clone(), "b", true), vec!["a", "b", "c"]);
-        assert_eq!(recipients(m, "b", false), vec!["a", "c"]);
+    fn sender_and_already_reached() {
+        let m = vec!["a".to_string(), "b".into(), "c".into()];
+        let none = HashSet::new();
+        assert_eq!(recipients(&m, "b", true, &none), (vec![0, 1, 2], 0));
+        assert_eq!(recipients(&m, "b", false, &none), (vec![0, 2], 0));
+        let reached = HashSet::from(["c".to_string()]);
+        assert_eq!(recipients(&m, "b", false, &reached), (vec![0], 1));
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum FailureKind {
     Timeout,
     StreamBroken,
     Closed,
+    /// The route lookup for these recipients failed; nothing was pushed.
+    Lookup,
 }
 
 /// A transport failure shared by every recipient it hit.
@@ -72,6 +74,7 @@ impl fmt::Display for PushFailure {
             FailureKind::Timeout => "no answer in time from",
             FailureKind::StreamBroken => "stream broke to",
             FailureKind::Closed => "stream closed to",
+            FailureKind::Lookup => "routes not looked up for",
         };
         write!(f, "{what} gateway {}: {}", self.gateway_id, self.detail)
     }

@@ -19,7 +19,7 @@ use crate::registry::{GatewayEndpoint, PushProtocol};
 use crate::telemetry;
 
 /// Pushes queued per stream before callers wait (backpressure).
-const COMMAND_QUEUE: usize = 1024;
+const COMMAND_QUEUE: usize = 64;
 
 struct Entry {
     endpoint: GatewayEndpoint,

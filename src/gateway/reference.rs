@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -394,7 +394,8 @@ fn unix_micros() -> i64 {
 #[derive(Clone)]
 struct Service {
     ledger: Arc<Ledger>,
-    reply_delay: Duration,
+    /// Microseconds; adjustable while running.
+    reply_delay: Arc<AtomicU64>,
     refuse_streams: Arc<AtomicU32>,
     /// Ends every open push stream when the gateway stops.
     serving: CancellationToken,
@@ -428,7 +429,7 @@ impl Service {
         let (queue, mut queued) = mpsc::channel::<(Req, tokio::time::Instant)>(1024);
         let ledger = self.ledger.clone();
         ledger.stream_opened();
-        let delay = self.reply_delay;
+        let delay = self.reply_delay.clone();
         let reading = self.serving.clone();
         let reader_ledger = ledger.clone();
         tokio::spawn(async move {
@@ -459,6 +460,7 @@ impl Service {
         let serving = self.serving.clone();
         tokio::spawn(async move {
             while let Some((request, arrived)) = queued.recv().await {
+                let delay = Duration::from_micros(delay.load(Ordering::Relaxed));
                 if !delay.is_zero() {
                     tokio::select! {
                         // Stopping drops what is unanswered, as a dying gateway does.
@@ -511,9 +513,17 @@ pub struct ReferenceGateway {
     connected: CancellationToken,
     registration: JoinHandle<()>,
     tracker: TaskTracker,
+    reply_delay: Arc<AtomicU64>,
 }
 
 impl ReferenceGateway {
+    /// Delays every answer from now on by `delay` (a gateway that slows
+    /// down).
+    pub fn set_reply_delay(&self, delay: Duration) {
+        self.reply_delay
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
     /// Binds, serves, writes routes and registers; returns once the gateway
     /// is visible in etcd.
     pub async fn start(opts: ReferenceGatewayOptions) -> Result<Self, ReferenceGatewayError> {
@@ -546,9 +556,10 @@ impl ReferenceGateway {
             }
         })?;
         let grpc_addr = grpc.local_addr().expect("bound socket has an address");
+        let reply_delay = Arc::new(AtomicU64::new(opts.reply_delay.as_micros() as u64));
         let service = Service {
             ledger: ledger.clone(),
-            reply_delay: opts.reply_delay,
+            reply_delay: reply_delay.clone(),
             refuse_streams: Arc::new(AtomicU32::new(opts.refuse_streams)),
             serving: serving.clone(),
         };
@@ -631,6 +642,7 @@ impl ReferenceGateway {
             connected,
             registration,
             tracker,
+            reply_delay,
         })
     }
 

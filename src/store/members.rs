@@ -17,6 +17,9 @@ pub enum MemberError {
         session_id: String,
         cause: sqlx::Error,
     },
+    /// A query shared by concurrent lookups of one session failed.
+    #[error("{0}")]
+    Shared(String),
     #[error("writing session {session_id}: {cause}")]
     Write {
         session_id: String,
@@ -68,6 +71,22 @@ impl MemberCache {
         metrics::gauge!(crate::telemetry::metrics::MEMBER_CACHE_HIT_RATIO)
             .set(h as f64 / (h + m) as f64);
     }
+}
+
+/// Each name once, first occurrence kept (the primary key makes repeats
+/// rare; deduplicating here, once per load, spares every event the work).
+fn unique(members: Vec<String>) -> Vec<String> {
+    let first: Vec<bool> = {
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        members.iter().map(|m| seen.insert(m.as_str())).collect()
+    };
+    if first.iter().all(|f| *f) {
+        return members;
+    }
+    let mut keep = first.into_iter();
+    let mut members = members;
+    members.retain(|_| keep.next().unwrap_or(false));
+    members
 }
 
 /// Rows per multi-row insert: below every dialect's bind-parameter limit.
@@ -126,38 +145,46 @@ impl MemberStore {
     /// Usernames of every member of `session_id` (empty if none), from the
     /// cache when it has them.
     pub async fn members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {
+        Ok(self.shared(session_id).await?.as_ref().clone())
+    }
+
+    /// As [`MemberStore::members`], shared with the cache instead of copied.
+    pub async fn shared(&self, session_id: &str) -> Result<Arc<Vec<String>>, MemberError> {
         let Some(cache) = &self.cache else {
-            return self.query_members(session_id).await;
+            return Ok(Arc::new(self.query_members(session_id).await?));
         };
         if let Some(hit) = cache.entries.get(session_id).await {
             cache.observe(true);
-            return Ok(hit.as_ref().clone());
+            return Ok(hit);
         }
         cache.observe(false);
-        let members = self.query_members(session_id).await?;
+        // Concurrent misses for one session share a single query: a burst
+        // of events to a large group reads its members once.
         cache
             .entries
-            .insert(session_id.to_string(), Arc::new(members.clone()))
-            .await;
-        Ok(members)
+            .try_get_with(session_id.to_string(), async {
+                self.query_members(session_id).await.map(Arc::new)
+            })
+            .await
+            .map_err(|e| MemberError::Shared(e.to_string()))
     }
 
     async fn query_members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {
-        let rows = sqlx::query(self.select_members.clone())
+        use futures::TryStreamExt;
+        let err = |cause| MemberError::Query {
+            session_id: session_id.to_string(),
+            cause,
+        };
+        // Rows are streamed and only the name kept, so a large group never
+        // has all its rows in memory at once.
+        let mut rows = sqlx::query(self.select_members.clone())
             .bind(session_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|cause| MemberError::Query {
-                session_id: session_id.to_string(),
-                cause,
-            })?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(0))
-            .collect::<Result<_, _>>()
-            .map_err(|cause| MemberError::Query {
-                session_id: session_id.to_string(),
-                cause,
-            })
+            .fetch(&self.pool);
+        let mut members = Vec::new();
+        while let Some(row) = rows.try_next().await.map_err(err)? {
+            members.push(row.try_get::<String, _>(0).map_err(err)?);
+        }
+        Ok(unique(members))
     }
 
     /// Creates the session and adds its members; existing rows are kept.
@@ -212,5 +239,20 @@ impl MemberStore {
                 session_id: "*".into(),
                 cause,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_members_are_kept_once_in_order() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unique(names(&["a", "b", "a", "c", "b"])),
+            names(&["a", "b", "c"])
+        );
+        assert_eq!(unique(names(&["a", "b"])), names(&["a", "b"]));
     }
 }

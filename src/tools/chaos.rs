@@ -184,7 +184,7 @@ async fn admin(url: &str, sql: &str) -> Result<(), ChaosError> {
 }
 
 /// Environment that points a pod or gateway process at the run's servers.
-fn env_for(config: &Config) -> Vec<(String, String)> {
+pub(crate) fn env_for(config: &Config) -> Vec<(String, String)> {
     let c = config;
     [
         ("NATS__URL", c.nats.url.clone()),

@@ -182,8 +182,11 @@ impl Expectation {
         } else {
             String::new()
         };
-        let targets = recipients(s.members.clone(), &sender, push_to_sender);
-        let online = targets.iter().filter(|u| s.online.contains(*u)).count() as u64;
+        let (targets, _) = recipients(&s.members, &sender, push_to_sender, &HashSet::new());
+        let online = targets
+            .iter()
+            .filter(|&&i| s.online.contains(&s.members[i as usize]))
+            .count() as u64;
         self.by_msg.insert(msg_id, online);
         self.expected += online;
         self.offline += targets.len() as u64 - online;

@@ -155,7 +155,10 @@ impl Driver {
 
 /// Waits until the pod has created its stream and durable consumer, so no
 /// published event falls outside the stream.
-async fn wait_consuming(nats: &async_nats::Client, config: &Config) -> Result<(), BenchError> {
+pub(crate) async fn wait_consuming(
+    nats: &async_nats::Client,
+    config: &Config,
+) -> Result<(), BenchError> {
     let js = jetstream::new(nats.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {

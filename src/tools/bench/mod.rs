@@ -22,6 +22,7 @@ mod drivers;
 mod floor;
 mod plot;
 mod serial;
+mod storm;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -86,6 +87,9 @@ pub struct BenchOptions {
     pub latency_seconds: f64,
     /// Also measure group sizes 2 .. 100,000 and write the curve here.
     pub sweep: Option<PathBuf>,
+    /// Also run a burst of 100,000-member events through a pod process
+    /// with one slow gateway and report its peak memory.
+    pub storm: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Where the pods' `consumer.worker_count`, `gateway`, `dispatch` and
@@ -104,6 +108,7 @@ impl Default for BenchOptions {
             latency_group_size: 100,
             latency_seconds: 5.0,
             sweep: None,
+            storm: false,
             progress: true,
             tuning: Config::default(),
         }
@@ -112,6 +117,12 @@ impl Default for BenchOptions {
 
 /// Group sizes of the sweep.
 pub const SWEEP_SIZES: [usize; 6] = [2, 10, 100, 1_000, 10_000, 100_000];
+
+/// The storm: this many events of this many members, one gateway holding
+/// every answer this long.
+const STORM_GROUP: usize = 100_000;
+const STORM_EVENTS: usize = 30;
+const STORM_DELAY: Duration = Duration::from_millis(20);
 
 /// Sessions per group size; events go round-robin over them.
 const SESSIONS_PER_SIZE: usize = 8;
@@ -162,6 +173,8 @@ pub struct BenchReport {
     pub latency_at_half_peak: Option<LatencyResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sweep: Option<Vec<plot::SweepPoint>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storm: Option<storm::StormResult>,
 }
 
 impl BenchReport {
@@ -220,6 +233,12 @@ impl BenchReport {
             out.push_str(&format!(
                 "latency at half peak ({}-member groups, {:.0} of {:.0} events/s): p50 {:.1} ms, p99 {:.1} ms\n",
                 l.group_size, l.events_per_sec, l.peak_events_per_sec, l.p50_ms, l.p99_ms
+            ));
+        }
+        if let Some(s) = &self.storm {
+            out.push_str(&format!(
+                "storm: {} events of {} members, one gateway answering after {} ms: {} deliveries in {:.1} s, pod peak RSS {:.1} MiB\n",
+                s.events, s.group_size, s.slow_gateway_delay_ms, s.deliveries, s.elapsed_s, s.peak_rss_mib
             ));
         }
         if let Some(sweep) = &self.sweep {
@@ -409,7 +428,7 @@ impl Bench {
         Ok(sessions)
     }
 
-    fn event(&self, session: &Session) -> PushEvent {
+    pub(crate) fn event(&self, session: &Session) -> PushEvent {
         let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
         PushEvent {
             msg_id,
@@ -426,7 +445,7 @@ impl Bench {
         }
     }
 
-    fn delivered(&self) -> u64 {
+    pub(crate) fn delivered(&self) -> u64 {
         self.gateways
             .iter()
             .map(|g| g.ledger.stats().received)
@@ -492,7 +511,7 @@ impl Bench {
 
     /// Waits until `expected` deliveries beyond `base` arrived, drawing the
     /// progress bar; fails if none arrive for a while.
-    async fn wait_for(
+    pub(crate) async fn wait_for(
         &self,
         mode: Mode,
         base: u64,
@@ -587,7 +606,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     if opts.gateways == 0 || opts.group_size == 0 || opts.latency_group_size == 0 {
         return Err(setup("gateways and group sizes must be at least 1"));
     }
-    let largest = if opts.sweep.is_some() {
+    let largest = if opts.sweep.is_some() || opts.storm {
         SWEEP_SIZES[SWEEP_SIZES.len() - 1]
     } else {
         opts.group_size.max(opts.latency_group_size)
@@ -650,6 +669,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         None => None,
     };
 
+    let storm = if opts.storm {
+        let sessions = bench.sessions(STORM_GROUP).await?;
+        Some(storm::run(&bench, &sessions, STORM_EVENTS, STORM_DELAY).await?)
+    } else {
+        None
+    };
+
     let mut report = BenchReport {
         machine: machine(),
         group_size: opts.group_size,
@@ -660,6 +686,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         batch_vs_floor: None,
         latency_at_half_peak,
         sweep,
+        storm,
     };
     report.batch_vs_serial = report.ratio(Mode::Batch, Mode::Serial);
     report.batch_vs_stream = report.ratio(Mode::Batch, Mode::Stream);
