@@ -94,3 +94,50 @@ pub fn draw(points: &[SweepPoint], path: &Path) -> Result<(), BenchError> {
     root.present().map_err(|e| failed(&e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::bench::Mode;
+
+    fn result(mode: Mode, group_size: usize, per_delivery_us: f64) -> ModeResult {
+        ModeResult {
+            mode,
+            group_size,
+            events: 1,
+            deliveries: group_size as u64,
+            elapsed_s: 1.0,
+            deliveries_per_sec: 1e6 / per_delivery_us,
+            per_delivery_us,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+        }
+    }
+
+    #[test]
+    fn the_curve_is_an_svg_with_labels_and_both_series() {
+        let points: Vec<SweepPoint> = [(2, 8.0), (100, 1.5), (100_000, 1.2)]
+            .into_iter()
+            .map(|(g, c)| SweepPoint {
+                group_size: g,
+                batch: result(Mode::Batch, g, c),
+                floor: result(Mode::Floor, g, c / 2.0),
+            })
+            .collect();
+        assert_eq!(flatness(&points), Some(8.0 / 1.2));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("curve.svg");
+        draw(&points, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
+        for text in [
+            "members per session",
+            "microseconds per delivery",
+            "batch (service)",
+            "floor (I/O only)",
+        ] {
+            assert!(svg.contains(text), "missing {text}");
+        }
+        assert!(svg.matches("<circle").count() >= 6, "a marker per point");
+    }
+}
