@@ -538,11 +538,7 @@ async fn batch_v1_where_advertised_and_per_user_elsewhere() {
     let batched: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
     let batched: Vec<&str> = batched.iter().map(String::as_str).collect();
     let g1 = stack.gateway("gateway-001", &batched).await;
-    let mut upstream = stack.gateway_options("gateway-002", &["p1", "p2"]);
-    upstream.batch = false;
-    let g2 = resonance_task::gateway::reference::ReferenceGateway::start(upstream)
-        .await
-        .unwrap();
+    let g2 = stack.upstream_gateway("gateway-002", &["p1", "p2"]).await;
     let mut members = batched.clone();
     members.extend(["p1", "p2", "gone"]);
     stack.session(&store, "g", &members).await;
@@ -582,11 +578,7 @@ async fn a_session_s_messages_arrive_in_publish_order() {
     let stack = Stack::start().await;
     let store = stack.db.member_store().await;
     let g1 = stack.gateway("gateway-001", &["a", "b", "x"]).await;
-    let mut upstream = stack.gateway_options("gateway-002", &["c", "y"]);
-    upstream.batch = false;
-    let g2 = resonance_task::gateway::reference::ReferenceGateway::start(upstream)
-        .await
-        .unwrap();
+    let g2 = stack.upstream_gateway("gateway-002", &["c", "y"]).await;
     stack.session(&store, "s", &["a", "b", "c"]).await;
     stack.session(&store, "t", &["x", "y"]).await;
     let mut config = stack.config();
@@ -678,11 +670,7 @@ async fn a_large_group_goes_out_window_by_window() {
     let left: Vec<&str> = left.iter().map(String::as_str).collect();
     let right: Vec<&str> = right.iter().map(String::as_str).collect();
     let g1 = stack.gateway("gateway-001", &left).await;
-    let mut upstream = stack.gateway_options("gateway-002", &right);
-    upstream.batch = false;
-    let g2 = resonance_task::gateway::reference::ReferenceGateway::start(upstream)
-        .await
-        .unwrap();
+    let g2 = stack.upstream_gateway("gateway-002", &right).await;
     let all: Vec<&str> = users.iter().map(String::as_str).collect();
     stack.session(&store, "big", &all).await;
     let mut config = stack.config();

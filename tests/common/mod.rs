@@ -223,6 +223,16 @@ impl Stack {
             .expect("reference gateway starts")
     }
 
+    /// A gateway like the upstream ones: per-user `PushService` only, no
+    /// batch-v1 advertised.
+    pub async fn upstream_gateway(&self, gateway_id: &str, users: &[&str]) -> ReferenceGateway {
+        let mut opts = self.gateway_options(gateway_id, users);
+        opts.batch = false;
+        ReferenceGateway::start(opts)
+            .await
+            .expect("reference gateway starts")
+    }
+
     /// A gateway that task pods reach only through a fault proxy (its etcd
     /// record advertises the proxy's port).
     pub async fn gateway_behind_proxy(
