@@ -4,6 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/resonance/mq/v1/push_event.proto",
+        "proto/resonance/mq/v1/offline_notice.proto",
         "proto/resonance/gateway/v1/push.proto",
     ];
     let descriptors = protox::compile(protos, ["proto"])?;

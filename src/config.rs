@@ -58,6 +58,9 @@ pub struct Config {
     pub gateway: GatewayPoolConfig,
     pub dispatch: DispatchConfig,
     pub dedup: DedupConfig,
+    pub offline: OfflineConfig,
+    pub priority: PriorityConfig,
+    pub notify: NotifyConfig,
     pub admin: AdminConfig,
 }
 
@@ -444,6 +447,193 @@ impl Default for DedupConfig {
     }
 }
 
+/// Recipients who are not connected: parked messages and offline notices.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OfflineConfig {
+    /// Park the message in Redis for each offline recipient, until drained.
+    pub park: bool,
+    /// Parked messages kept per user; the lowest seq_id go first.
+    pub max_messages: usize,
+    /// A user's parked messages expire this long after the last one parked.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// Sessions with more members than this are not parked per member:
+    /// their members read history from the message store (0: always park).
+    pub read_path_above: usize,
+    /// Publish an offline notice for mobile push.
+    pub notice: bool,
+    pub notice_topic: String,
+    /// JetStream stream that keeps notices for `resonance-task notify`.
+    pub notice_stream: String,
+    /// At most one notice per user per interval (0: one per message).
+    #[serde(with = "duration")]
+    pub notice_interval: Duration,
+    /// Recipients per notice message.
+    pub notice_batch: usize,
+    /// Characters of the message text copied into a notice.
+    pub preview_chars: usize,
+}
+
+impl Default for OfflineConfig {
+    fn default() -> Self {
+        Self {
+            park: true,
+            max_messages: 1000,
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            read_path_above: 5000,
+            notice: true,
+            notice_topic: "resonance.push.offline.v1".into(),
+            notice_stream: "RESONANCE_OFFLINE".into(),
+            notice_interval: Duration::from_secs(30),
+            notice_batch: 100,
+            preview_chars: 64,
+        }
+    }
+}
+
+/// Two lanes: high-priority events are dispatched before normal ones.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PriorityConfig {
+    /// Events a pod takes from NATS ahead of its workers and orders by
+    /// lane: how far a high-priority event can overtake a backlog.
+    pub prefetch: usize,
+    /// Event `type` values that are high priority.
+    pub high_types: Vec<String>,
+    /// One-to-one sessions (session_type 1) are high priority.
+    pub one_to_one_high: bool,
+}
+
+impl Default for PriorityConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 1024,
+            high_types: Vec::new(),
+            one_to_one_high: false,
+        }
+    }
+}
+
+/// `resonance-task notify`: offline notices to mobile-push providers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Durable consumer shared by every notify worker.
+    pub queue_group: String,
+    /// Notices in flight per worker process.
+    pub worker_count: usize,
+    /// In-process retries of a provider's transient failure.
+    pub max_retry: u32,
+    /// First redelivery delay of a notice that could not be sent; doubles.
+    #[serde(with = "duration")]
+    pub retry_interval: Duration,
+    #[serde(with = "duration")]
+    pub ack_wait: Duration,
+    /// Deliveries before a notice is dead-lettered.
+    pub max_deliver: i64,
+    pub dead_letter_topic: String,
+    pub dead_letter_stream: String,
+    /// One HTTP request to a provider.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    pub webhook: WebhookConfig,
+    pub getui: GetuiConfig,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            queue_group: "notify-service".into(),
+            worker_count: 32,
+            max_retry: 3,
+            retry_interval: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            dead_letter_topic: "resonance.push.offline.dead.v1".into(),
+            dead_letter_stream: "RESONANCE_OFFLINE_DEAD".into(),
+            request_timeout: Duration::from_secs(5),
+            webhook: WebhookConfig::default(),
+            getui: GetuiConfig::default(),
+        }
+    }
+}
+
+/// A generic webhook: a signed JSON POST per offline recipient.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Empty: no webhook.
+    pub url: String,
+    /// HMAC-SHA256 key of the signature header.
+    pub secret: Option<Secret>,
+}
+
+/// Getui (个推) REST API v2.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GetuiConfig {
+    /// API root; the app id is appended.
+    pub base_url: String,
+    /// Empty: Getui off.
+    pub app_id: String,
+    pub app_key: String,
+    pub master_secret: Option<Secret>,
+    /// Redis key holding a user's Getui client id (`{username}` replaced).
+    pub cid_key: String,
+    /// How long Getui keeps the notification for an offline phone.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+}
+
+impl Default for GetuiConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://restapi.getui.com/v2".into(),
+            app_id: String::new(),
+            app_key: String::new(),
+            master_secret: None,
+            cid_key: "resonance:getui:cid:{username}".into(),
+            ttl: Duration::from_secs(2 * 3600),
+        }
+    }
+}
+
+fn non_empty(key: &'static str, v: &str) -> Result<(), ConfigError> {
+    if v.trim().is_empty() {
+        return Err(ConfigError::invalid(key, "must not be empty"));
+    }
+    Ok(())
+}
+fn positive(key: &'static str, v: Duration) -> Result<(), ConfigError> {
+    if v.is_zero() {
+        return Err(ConfigError::invalid(key, "must be greater than zero"));
+    }
+    Ok(())
+}
+fn nats_subject(key: &'static str, v: &str) -> Result<(), ConfigError> {
+    non_empty(key, v)?;
+    if v.contains(char::is_whitespace) || v.split('.').any(str::is_empty) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("`{v}` is not a valid NATS subject"),
+        ));
+    }
+    Ok(())
+}
+
+/// A JetStream stream or consumer name.
+fn stream_name(key: &'static str, name: &str) -> Result<(), ConfigError> {
+    non_empty(key, name)?;
+    if name.contains(['.', '*', '>', ' ', '/', '\\']) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("`{name}` may not contain `.`, `*`, `>`, `/`, `\\` or spaces"),
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Defaults, then the YAML file, then the environment. An explicit path
     /// must exist; the default path may be absent.
@@ -475,29 +665,6 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn non_empty(key: &'static str, v: &str) -> Result<(), ConfigError> {
-            if v.trim().is_empty() {
-                return Err(ConfigError::invalid(key, "must not be empty"));
-            }
-            Ok(())
-        }
-        fn positive(key: &'static str, v: Duration) -> Result<(), ConfigError> {
-            if v.is_zero() {
-                return Err(ConfigError::invalid(key, "must be greater than zero"));
-            }
-            Ok(())
-        }
-        fn nats_subject(key: &'static str, v: &str) -> Result<(), ConfigError> {
-            non_empty(key, v)?;
-            if v.contains(char::is_whitespace) || v.split('.').any(str::is_empty) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("`{v}` is not a valid NATS subject"),
-                ));
-            }
-            Ok(())
-        }
-
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
         non_empty("service.name", &self.service.name)?;
@@ -569,13 +736,7 @@ impl Config {
                 &self.consumer.dead_letter_stream,
             ),
         ] {
-            non_empty(key, name)?;
-            if name.contains(['.', '*', '>', ' ', '/', '\\']) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("`{name}` may not contain `.`, `*`, `>`, `/`, `\\` or spaces"),
-                ));
-            }
+            stream_name(key, name)?;
         }
         if self.consumer.stream == self.consumer.dead_letter_stream {
             return Err(ConfigError::invalid(
@@ -688,6 +849,127 @@ impl Config {
                 "dispatch.route_concurrency",
                 "must be at least 1",
             ));
+        }
+        self.validate_offline()?;
+        self.validate_notify()?;
+        if !(1..=100_000).contains(&self.priority.prefetch) {
+            return Err(ConfigError::invalid(
+                "priority.prefetch",
+                "must be between 1 and 100000",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_offline(&self) -> Result<(), ConfigError> {
+        let o = &self.offline;
+        if o.park && o.max_messages == 0 {
+            return Err(ConfigError::invalid(
+                "offline.max_messages",
+                "must be at least 1",
+            ));
+        }
+        if o.park {
+            positive("offline.ttl", o.ttl)?;
+        }
+        if o.notice {
+            nats_subject("offline.notice_topic", &o.notice_topic)?;
+            stream_name("offline.notice_stream", &o.notice_stream)?;
+            if o.notice_topic == self.consumer.topic {
+                return Err(ConfigError::invalid(
+                    "offline.notice_topic",
+                    "must differ from consumer.topic",
+                ));
+            }
+            if o.notice_stream == self.consumer.stream {
+                return Err(ConfigError::invalid(
+                    "offline.notice_stream",
+                    "must differ from consumer.stream",
+                ));
+            }
+            if !(1..=10_000).contains(&o.notice_batch) {
+                return Err(ConfigError::invalid(
+                    "offline.notice_batch",
+                    "must be between 1 and 10000",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_notify(&self) -> Result<(), ConfigError> {
+        let n = &self.notify;
+        stream_name("notify.queue_group", &n.queue_group)?;
+        stream_name("notify.dead_letter_stream", &n.dead_letter_stream)?;
+        nats_subject("notify.dead_letter_topic", &n.dead_letter_topic)?;
+        if n.dead_letter_topic == self.offline.notice_topic {
+            return Err(ConfigError::invalid(
+                "notify.dead_letter_topic",
+                "must differ from offline.notice_topic",
+            ));
+        }
+        if !(1..=10_000).contains(&n.worker_count) {
+            return Err(ConfigError::invalid(
+                "notify.worker_count",
+                "must be between 1 and 10000",
+            ));
+        }
+        positive("notify.retry_interval", n.retry_interval)?;
+        positive("notify.request_timeout", n.request_timeout)?;
+        if n.ack_wait < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                "notify.ack_wait",
+                "must be at least 1s",
+            ));
+        }
+        if n.max_deliver < 1 {
+            return Err(ConfigError::invalid(
+                "notify.max_deliver",
+                "must be at least 1",
+            ));
+        }
+        let http = |key: &'static str, url: &str| -> Result<(), ConfigError> {
+            if url.starts_with("http://") || url.starts_with("https://") {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    key,
+                    format!("`{url}` is not an http:// or https:// URL"),
+                ))
+            }
+        };
+        if !n.webhook.url.is_empty() {
+            http("notify.webhook.url", &n.webhook.url)?;
+            if n.webhook
+                .secret
+                .as_ref()
+                .is_none_or(|s| s.expose().is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    "notify.webhook.secret",
+                    "is required when notify.webhook.url is set",
+                ));
+            }
+        }
+        if !n.getui.app_id.is_empty() {
+            http("notify.getui.base_url", &n.getui.base_url)?;
+            non_empty("notify.getui.app_key", &n.getui.app_key)?;
+            if n.getui
+                .master_secret
+                .as_ref()
+                .is_none_or(|s| s.expose().is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    "notify.getui.master_secret",
+                    "is required when notify.getui.app_id is set",
+                ));
+            }
+            if !n.getui.cid_key.contains("{username}") {
+                return Err(ConfigError::invalid(
+                    "notify.getui.cid_key",
+                    "must contain `{username}`",
+                ));
+            }
         }
         Ok(())
     }

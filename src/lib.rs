@@ -14,6 +14,7 @@ pub mod config;
 pub mod consumer;
 pub mod dispatch;
 pub mod gateway;
+pub mod notify;
 pub mod proto;
 pub mod registry;
 pub mod store;
@@ -29,11 +30,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, ConsumerMode, NatsConfig};
-use crate::consumer::{EventHandler, RetryPolicy, Tally};
+use crate::consumer::{EventHandler, LaneRules, RetryPolicy, Tally};
 use crate::dispatch::Dispatcher;
+use crate::dispatch::offline::OfflineDelivery;
 use crate::gateway::GatewayPool;
 use crate::registry::GatewayRegistry;
-use crate::store::{MemberStore, ProgressStore, RedisClient, RouteStore};
+use crate::store::{MemberStore, OfflineStore, ProgressStore, RedisClient, RouteStore};
 use crate::telemetry::admin::Readiness;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,19 @@ pub enum RunError {
     Database(#[from] store::DatabaseError),
     #[error("NATS core subscription: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// Makes ring (which the NATS client links already) the process's TLS
+/// crypto provider: reqwest is built without a default one. Call before
+/// building any HTTP client; a second call is harmless.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An HTTP client builder that can speak HTTPS.
+pub fn http_client() -> reqwest::ClientBuilder {
+    install_tls_provider();
+    reqwest::Client::builder()
 }
 
 /// Connects to NATS with the configured identity. Reconnects forever after
@@ -272,6 +287,11 @@ async fn serve(
             lease,
         )
     });
+    let offline_store = OfflineStore::new(
+        redis.clone(),
+        config.offline.max_messages,
+        config.offline.ttl,
+    );
     let routes = RouteStore::new(
         redis,
         config.dispatch.route_chunk_size,
@@ -284,6 +304,26 @@ async fn serve(
         _ = registry.wait_synced() => {}
     }
     Readiness::set(&readiness.registry_synced, true);
+    let Some(nats) = until_ready("nats", cancel, || {
+        connect_nats_with(&config.nats, &config.service.name, Some(readiness.clone()))
+    })
+    .await
+    else {
+        return Ok(None);
+    };
+    let notices = if config.offline.notice {
+        let js = async_nats::jetstream::new(nats.clone());
+        let ensured = until_ready("offline notice stream", cancel, || {
+            dispatch::offline::ensure_notice_stream(&js, &config.offline)
+        })
+        .await;
+        if ensured.is_none() {
+            return Ok(None);
+        }
+        Some(js)
+    } else {
+        None
+    };
     let gateways = GatewayPool::new(config.gateway.clone(), tracker.clone());
     let dispatcher = Dispatcher::new(
         members,
@@ -292,21 +332,21 @@ async fn serve(
         gateways,
         progress,
         config.dispatch.clone(),
-    );
+    )
+    .with_offline(OfflineDelivery::new(
+        offline_store,
+        notices,
+        config.offline.clone(),
+    ));
     let tally = Tally::default();
     tracker.spawn(tally.clone().report_until(cancel.clone()));
     let retry = RetryPolicy {
         max_retry: config.consumer.max_retry,
         retry_interval: config.consumer.retry_interval,
     };
-    let handler = Arc::new(EventHandler::new(dispatcher, retry, tally));
-    let Some(nats) = until_ready("nats", cancel, || {
-        connect_nats_with(&config.nats, &config.service.name, Some(readiness.clone()))
-    })
-    .await
-    else {
-        return Ok(None);
-    };
+    let handler = Arc::new(
+        EventHandler::new(dispatcher, retry, tally).with_lanes(LaneRules::new(&config.priority)),
+    );
     let topic = &config.dispatch.session_changed_topic;
     if !topic.is_empty() && !config.dispatch.member_cache_ttl.is_zero() {
         match nats.subscribe(topic.clone()).await {
@@ -337,6 +377,7 @@ async fn serve(
                 handler,
                 shutdown,
                 tracker.clone(),
+                config.priority.prefetch,
             )
             .await;
         }

@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand};
 
 use resonance_task::config::{Config, LogConfig};
 use resonance_task::gateway::reference::{ReferenceGateway, ReferenceGatewayOptions};
-use resonance_task::store::{MemberStore, RedisClient, RouteStore, connect_database, migrate};
+use resonance_task::store::{
+    MemberStore, OfflineStore, RedisClient, RouteStore, connect_database, migrate,
+};
 use resonance_task::tools::publish::{EventTemplate, fresh_msg_id_base, publish};
 use resonance_task::tools::seed::{SeedPlan, SessionMix, seed};
 use resonance_task::tools::workload::{self, WorkloadOptions};
@@ -73,6 +75,15 @@ enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Run the mobile-push worker: offline notices to the configured
+    /// providers (webhook, Getui).
+    #[command(
+        after_help = "Example:\n  RESONANCE_TASK__NOTIFY__WEBHOOK__URL=https://push.example/hook \\\n  RESONANCE_TASK__NOTIFY__WEBHOOK__SECRET_FILE=/run/secrets/hook resonance-task notify"
+    )]
+    Notify,
+    /// Messages parked for offline users.
+    #[command(subcommand)]
+    Offline(OfflineCommand),
     /// Publish a sample load to seeded sessions and report what arrived.
     #[command(
         after_help = "Example:\n  resonance-task workload --events 2000 --stats http://127.0.0.1:9191/stats --json"
@@ -120,6 +131,10 @@ struct BenchArgs {
     /// while one gateway answers slowly, and report the pod's peak memory
     #[arg(long)]
     storm: bool,
+    /// Also measure high-priority latency while normal large-group events
+    /// are offered above the batch peak, with priority lanes on and off
+    #[arg(long)]
+    priority: bool,
     /// No progress bar on stderr
     #[arg(long)]
     no_progress: bool,
@@ -166,6 +181,27 @@ struct ChaosArgs {
 }
 
 #[derive(Subcommand)]
+enum OfflineCommand {
+    /// Take a user's parked messages, lowest seq_id first, removing them
+    /// (concurrent pulls never return the same message). One JSON object
+    /// per message.
+    #[command(after_help = "Example:\n  resonance-task offline pull --user user-000042 --max 100")]
+    Pull {
+        #[arg(long)]
+        user: String,
+        /// At most this many messages
+        #[arg(long, default_value_t = 1000)]
+        max: usize,
+    },
+    /// How many messages a user has parked.
+    #[command(after_help = "Example:\n  resonance-task offline count --user user-000042")]
+    Count {
+        #[arg(long)]
+        user: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum DlqCommand {
     /// List dead letters with reason, deliveries and age, and a count per reason.
     #[command(after_help = "Example:\n  resonance-task dlq list")]
@@ -173,6 +209,9 @@ enum DlqCommand {
         /// One JSON object per dead letter instead of a table
         #[arg(long)]
         json: bool,
+        /// The offline-notice dead letters of `notify` instead of events
+        #[arg(long)]
+        notices: bool,
     },
     /// Publish dead letters to the input subject again and remove them.
     #[command(
@@ -188,6 +227,9 @@ enum DlqCommand {
         /// Keep the dead letters after replaying them
         #[arg(long)]
         keep: bool,
+        /// The offline-notice dead letters of `notify` instead of events
+        #[arg(long)]
+        notices: bool,
     },
 }
 
@@ -374,6 +416,8 @@ async fn dispatch(command: Command, config: Config) -> Result<()> {
             );
         }
         Command::Dlq(command) => run_dlq(command, config).await?,
+        Command::Notify => resonance_task::notify::run(config, shutdown_signal()).await?,
+        Command::Offline(command) => run_offline(command, config).await?,
         Command::Bench(args) => {
             let report = bench::run(bench::BenchOptions {
                 modes: args.modes,
@@ -384,6 +428,7 @@ async fn dispatch(command: Command, config: Config) -> Result<()> {
                 latency_seconds: args.latency_seconds,
                 sweep: args.sweep.then_some(args.sweep_dir),
                 storm: args.storm,
+                priority: args.priority,
                 progress: !args.no_progress && std::io::stderr().is_terminal(),
                 tuning: config,
             })
@@ -456,9 +501,16 @@ async fn dispatch(command: Command, config: Config) -> Result<()> {
 async fn run_dlq(command: DlqCommand, config: Config) -> Result<()> {
     let nats = connect_nats(&config.nats, "resonance-task-dlq").await?;
     let js = async_nats::jetstream::new(nats);
+    let which = |notices: bool| {
+        if notices {
+            resonance_task::notify::consumer_config(&config)
+        } else {
+            config.consumer.clone()
+        }
+    };
     match command {
-        DlqCommand::List { json } => {
-            let letters = dlq::list(&js, &config.consumer).await?;
+        DlqCommand::List { json, notices } => {
+            let letters = dlq::list(&js, &which(notices)).await?;
             if json {
                 for l in &letters {
                     println!("{}", serde_json::to_string(l)?);
@@ -467,19 +519,49 @@ async fn run_dlq(command: DlqCommand, config: Config) -> Result<()> {
                 print!("{}", dlq::to_text(&letters));
             }
         }
-        DlqCommand::Replay { seqs, all, keep } => {
+        DlqCommand::Replay {
+            seqs,
+            all,
+            keep,
+            notices,
+        } => {
+            let consumer = which(notices);
             let selection = match (all, seqs.is_empty()) {
                 (true, _) => dlq::Selection::All,
                 (false, false) => dlq::Selection::Sequences(seqs),
                 (false, true) => bail!("say which dead letters: --all or --seq N"),
             };
-            let replayed = dlq::replay(&js, &config.consumer, &selection, keep).await?;
+            let replayed = dlq::replay(&js, &consumer, &selection, keep).await?;
             println!(
                 "replayed {} dead letters to {}",
                 replayed.len(),
-                config.consumer.topic
+                consumer.topic
             );
         }
+    }
+    Ok(())
+}
+
+async fn run_offline(command: OfflineCommand, config: Config) -> Result<()> {
+    let redis = RedisClient::connect(&config.redis).await?;
+    let store = OfflineStore::new(redis, config.offline.max_messages, config.offline.ttl);
+    match command {
+        OfflineCommand::Pull { user, max } => {
+            for m in store.pull(&user, max).await? {
+                let line = serde_json::json!({
+                    "msg_id": m.msg_id,
+                    "seq_id": m.seq_id,
+                    "session_id": m.session_id,
+                    "from_username": m.from_username,
+                    "to_username": m.to_username,
+                    "content": m.content,
+                    "type": m.r#type,
+                    "timestamp": m.timestamp,
+                });
+                println!("{line}");
+            }
+        }
+        OfflineCommand::Count { user } => println!("{}", store.count(&user).await?),
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ pub use gateway::v1::{
     PushBatchRequest, PushBatchResponse, PushMessage, PushMessageRequest, PushMessageResponse,
     RecipientFailure,
 };
-pub use mq::v1::PushEvent;
+pub use mq::v1::{OfflineNotice, PushEvent};
 
 #[cfg(test)]
 mod tests {

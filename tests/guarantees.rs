@@ -110,9 +110,10 @@ async fn a_killed_pod_loses_nothing() {
     let dups = g1.ledger.stats().duplicates;
     eprintln!("after SIGKILL: {expected} deliveries, {dups} duplicates");
     // Only pushes the gateway had received but the dead pod had not yet
-    // recorded can repeat: those in flight on the stream (at most
-    // gateway.max_in_flight, or one batch-v1 frame if that is larger) and
-    // answered chunks still being recorded. Without progress tracking every
+    // recorded can repeat, and a push keeps its share of the stream window
+    // until its outcome is recorded: at most gateway.max_in_flight, or one
+    // batch-v1 frame if that is larger (twice that allows for the frame the
+    // kill interrupted on the wire). Without progress tracking every
     // recipient of every unacked event would.
     let frame = config.dispatch.batch_size.min(users.len());
     let bound = 2 * config.gateway.max_in_flight.max(frame) as u64;

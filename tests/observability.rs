@@ -11,7 +11,13 @@ use common::*;
 
 /// Status and body; (0, "") while the port is not listening yet.
 async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
+    match resonance_task::http_client()
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .await
+    {
         Ok(r) => {
             let status = r.status().as_u16();
             (status, r.text().await.unwrap_or_default())

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::dead_letter::{self, DeadLetterInfo};
-use super::{Attempt, Decision, EventHandler};
+use super::{Attempt, Decision, EventHandler, Handle};
 use crate::config::ConsumerConfig;
 use crate::telemetry::admin::Readiness;
 
@@ -54,7 +54,7 @@ pub async fn run(
             };
             // Core NATS cannot hand an event back, so it is always finished.
             let decision = handler
-                .handle(
+                .handle_event(
                     &message.payload,
                     message.headers.as_ref(),
                     attempt,

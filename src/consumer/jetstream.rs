@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::dead_letter::{self, DeadLetterInfo};
-use super::{Attempt, Decision, EventHandler};
+use super::lanes::LaneQueue;
+use super::{Attempt, Decision, Handle};
 use crate::backoff::Backoff;
 use crate::config::ConsumerConfig;
 use crate::dispatch::Turn;
@@ -141,18 +142,21 @@ pub struct Shutdown {
     pub readiness: Arc<Readiness>,
 }
 
-/// Pulls and handles events until `shutdown.stop` fires. Pulls are
-/// pipelined (at most `worker_count` messages prefetched); on stop, what was
-/// prefetched but not taken by a worker is nak'ed at once. Connection
-/// trouble is retried with backoff; events in flight are handled on
-/// `tracker`.
-pub async fn run(
+/// Pulls and handles events until `shutdown.stop` fires. Up to `prefetch`
+/// pulled messages wait in priority lanes (`lanes`) for one of
+/// `worker_count` workers, high lane first; while they wait they get
+/// in-progress acks so ack_wait does not hand them to another pod. On stop,
+/// what waits is nak'ed at once. Connection trouble is retried with
+/// backoff; events in flight are handled on `tracker`.
+pub async fn run<H: Handle>(
     client: async_nats::Client,
     cfg: ConsumerConfig,
-    handler: Arc<EventHandler>,
+    handler: Arc<H>,
     shutdown: Shutdown,
     tracker: TaskTracker,
+    prefetch: usize,
 ) {
+    let prefetch = prefetch.max(1);
     let js = jetstream::new(client);
     let workers = Arc::new(Semaphore::new(cfg.worker_count));
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -177,7 +181,7 @@ pub async fn run(
         let _unbind = bound.drop_guard();
         let pulled = consumer
             .stream()
-            .max_messages_per_batch(cfg.worker_count.min(MAX_BATCH))
+            .max_messages_per_batch(prefetch.clamp(cfg.worker_count.min(MAX_BATCH), MAX_BATCH))
             .heartbeat(PULL_HEARTBEAT)
             .expires(PULL_EXPIRES)
             .messages()
@@ -194,19 +198,19 @@ pub async fn run(
             }
         };
         backoff.reset();
+        let mut waiting: LaneQueue<jetstream::Message> = LaneQueue::default();
+        let mut keep_alive = tokio::time::interval(cfg.ack_wait / 3);
         loop {
-            // A worker first, then the next message: at most worker_count
-            // events are handled at once, and pulls are pipelined.
-            let permit = tokio::select! {
+            // A free worker takes the next waiting event; meanwhile pulled
+            // messages join the lanes until `prefetch` wait.
+            tokio::select! {
+                biased;
                 _ = stop.cancelled() => break,
-                p = workers.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            };
-            let next = tokio::select! {
-                _ = stop.cancelled() => break,
-                m = messages.next() => m,
-            };
-            match next {
-                Some(Ok(message)) => {
+                permit = workers.clone().acquire_owned(), if !waiting.is_empty() => {
+                    let permit = permit.expect("semaphore is never closed");
+                    let next = waiting.pop().expect("lanes are not empty");
+                    report_lanes(&waiting);
+                    let message = next.item;
                     let turn = handler.turn(&message.payload);
                     let (handler, js, cfg, abort) = (
                         handler.clone(),
@@ -217,22 +221,44 @@ pub async fn run(
                     let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
                     in_flight.increment(1.0);
                     tracker.spawn(async move {
-                        settle(&js, &cfg, &handler, message, &abort, turn).await;
+                        settle(&js, &cfg, handler.as_ref(), message, &abort, turn).await;
                         in_flight.decrement(1.0);
                         drop(permit);
                     });
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "JetStream pull broke; re-binding the consumer");
-                    Readiness::set(&shutdown.readiness.consumer_bound, false);
-                    break;
-                }
-                None => {
-                    tracing::warn!("JetStream message stream ended; re-binding the consumer");
-                    break;
+                next = messages.next(), if waiting.len() < prefetch => match next {
+                    Some(Ok(message)) => {
+                        let lane = handler.lane(message.headers.as_ref(), &message.payload);
+                        metrics::counter!(telemetry::metrics::LANE_EVENTS, "lane" => lane.as_str()).increment(1);
+                        let session = handler.session_of(&message.payload);
+                        waiting.push(message, session, lane);
+                        report_lanes(&waiting);
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "JetStream pull broke; re-binding the consumer");
+                        Readiness::set(&shutdown.readiness.consumer_bound, false);
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("JetStream message stream ended; re-binding the consumer");
+                        break;
+                    }
+                },
+                _ = keep_alive.tick() => {
+                    let old = cfg.ack_wait / 3;
+                    for queued in waiting.iter().filter(|q| q.since.elapsed() >= old) {
+                        if let Err(e) = queued.item.ack_with(AckKind::Progress).await {
+                            tracing::debug!(error = %e, "in-progress ack for a waiting event not sent");
+                        }
+                    }
                 }
             }
         }
+        // Waiting events go back at once, to another pod.
+        for queued in waiting.drain() {
+            let _ = queued.item.ack_with(AckKind::Nak(None)).await;
+        }
+        report_lanes(&waiting);
         if stop.is_cancelled() {
             hand_back_prefetched(&mut messages).await;
             return;
@@ -241,6 +267,13 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+fn report_lanes<T>(waiting: &LaneQueue<T>) {
+    for lane in [super::Lane::High, super::Lane::Normal] {
+        metrics::gauge!(telemetry::metrics::LANE_QUEUED, "lane" => lane.as_str())
+            .set(waiting.len_of(lane) as f64);
     }
 }
 
@@ -292,10 +325,10 @@ pub fn redelivery_delay(cfg: &ConsumerConfig, delivery: i64) -> Duration {
         .min(cfg.retry_backoff_max.max(cfg.retry_interval))
 }
 
-async fn settle(
+async fn settle<H: Handle>(
     js: &jetstream::Context,
     cfg: &ConsumerConfig,
-    handler: &EventHandler,
+    handler: &H,
     message: jetstream::Message,
     abort: &CancellationToken,
     turn: Turn,
@@ -368,7 +401,7 @@ async fn settle(
     if let Err(e) = message.ack_with(kind).await {
         tracing::warn!(error = %e, stream_sequence, ?kind, "ack not sent; the event will be redelivered");
     }
-    handler.tally().decision(&decision);
+    handler.decided(&decision);
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod core;
 pub mod dead_letter;
 pub mod jetstream;
+pub mod lanes;
 mod tally;
 
 use std::time::Duration;
@@ -19,7 +20,39 @@ use crate::backoff::Backoff;
 use crate::dispatch::{DispatchError, Dispatcher, FanoutReport, SessionOrder, Turn};
 use crate::proto::PushEvent;
 use crate::telemetry;
+pub use lanes::{Lane, LaneRules};
 pub use tally::Tally;
+
+/// What the durable intake hands each message to: the push-event handler
+/// here, or the offline-notice handler of `notify`.
+pub trait Handle: Send + Sync + 'static {
+    /// The lane the message waits in for a worker.
+    fn lane(&self, _headers: Option<&async_nats::HeaderMap>, _payload: &[u8]) -> Lane {
+        Lane::Normal
+    }
+
+    /// The message's session, when its order must be kept.
+    fn session_of(&self, _payload: &[u8]) -> Option<String> {
+        None
+    }
+
+    /// Its turn in its session's order, taken when a worker takes it.
+    fn turn(&self, _payload: &[u8]) -> Turn {
+        Turn::free()
+    }
+
+    fn handle(
+        &self,
+        payload: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+        attempt: Attempt,
+        abort: &CancellationToken,
+        turn: Turn,
+    ) -> impl std::future::Future<Output = Decision> + Send;
+
+    /// Counts and logs the decision once it is carried out.
+    fn decided(&self, decision: &Decision);
+}
 
 /// What to do with a message once its handling is over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +142,7 @@ pub struct EventHandler {
     retry: RetryPolicy,
     tally: Tally,
     order: SessionOrder,
+    lanes: LaneRules,
 }
 
 /// Copies `traceparent`/`tracestate` from NATS headers into an event that
@@ -142,16 +176,15 @@ impl EventHandler {
             retry,
             tally,
             order: SessionOrder::default(),
+            lanes: LaneRules::default(),
         }
     }
 
-    /// The turn of a received payload in its session's order; intake calls
-    /// this in arrival order, before handing the payload to a worker.
-    pub fn turn(&self, payload: &[u8]) -> Turn {
-        match crate::dispatch::order::session_id_of(payload) {
-            Some(session_id) => self.order.enter(session_id),
-            None => Turn::free(),
-        }
+    /// Chooses lanes by these rules (default: every event is normal unless
+    /// its header says otherwise).
+    pub fn with_lanes(mut self, lanes: LaneRules) -> Self {
+        self.lanes = lanes;
+        self
     }
 
     /// Dispatches, then retries in-process with capped, jittered backoff:
@@ -172,7 +205,11 @@ impl EventHandler {
                     tokio::time::sleep(backoff.next_delay()).await;
                     let failed: Vec<String> =
                         report.failed.iter().map(|(u, _)| u.clone()).collect();
-                    match self.dispatcher.redeliver(event, failed).await {
+                    match self
+                        .dispatcher
+                        .redeliver(event, failed, report.members)
+                        .await
+                    {
                         Ok(retry) => report.absorb_retry(retry),
                         Err(e) => {
                             tracing::debug!(error = %e, "in-process retry failed");
@@ -202,7 +239,7 @@ impl EventHandler {
     /// `headers` are the NATS message's headers: their W3C trace context is
     /// used when the event's own `trace_headers` carry none. `turn` comes
     /// from [`EventHandler::turn`], taken when the payload was received.
-    pub async fn handle(
+    pub async fn handle_event(
         &self,
         payload: &[u8],
         headers: Option<&async_nats::HeaderMap>,
@@ -283,6 +320,39 @@ impl EventHandler {
     }
 }
 
+impl Handle for EventHandler {
+    fn lane(&self, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Lane {
+        self.lanes.lane(headers, payload)
+    }
+
+    fn session_of(&self, payload: &[u8]) -> Option<String> {
+        crate::dispatch::order::session_id_of(payload).map(str::to_string)
+    }
+
+    /// Intake calls this in the order workers take events.
+    fn turn(&self, payload: &[u8]) -> Turn {
+        match crate::dispatch::order::session_id_of(payload) {
+            Some(session_id) => self.order.enter(session_id),
+            None => Turn::free(),
+        }
+    }
+
+    fn handle(
+        &self,
+        payload: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+        attempt: Attempt,
+        abort: &CancellationToken,
+        turn: Turn,
+    ) -> impl std::future::Future<Output = Decision> + Send {
+        self.handle_event(payload, headers, attempt, abort, turn)
+    }
+
+    fn decided(&self, decision: &Decision) {
+        self.tally.decision(decision);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +373,8 @@ mod tests {
             members: 3,
             delivered: 1,
             offline: vec![("b".into(), OfflineReason::NoRoute)],
+            parked: 1,
+            noticed: 1,
             duplicate: false,
             busy: false,
             already_delivered: 0,

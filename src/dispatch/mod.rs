@@ -3,6 +3,7 @@
 //! result is a [`FanoutReport`] saying what happened to every recipient;
 //! the consumer turns it into an ack, a retry or a dead letter.
 
+pub mod offline;
 pub mod order;
 pub mod plan;
 
@@ -22,6 +23,7 @@ use crate::proto::{PushEvent, PushMessage};
 use crate::registry::GatewayRegistry;
 use crate::store::{MemberError, MemberStore, Progress, ProgressStore, RedisError, RouteStore};
 use crate::telemetry;
+use offline::OfflineDelivery;
 pub use order::{SessionOrder, Turn};
 use plan::OfflineReason;
 
@@ -59,6 +61,10 @@ pub struct FanoutReport {
     /// would otherwise hold every name until the event ends).
     pub delivered: usize,
     pub offline: Vec<(String, OfflineReason)>,
+    /// Offline recipients whose message is parked.
+    pub parked: usize,
+    /// Offline recipients named in a published offline notice.
+    pub noticed: usize,
     pub failed: Vec<(String, PushFailure)>,
     pub gateways: usize,
 }
@@ -73,6 +79,8 @@ impl FanoutReport {
     pub fn absorb_retry(&mut self, retry: FanoutReport) {
         self.delivered += retry.delivered;
         self.offline.extend(retry.offline);
+        self.parked += retry.parked;
+        self.noticed += retry.noticed;
         self.failed = retry.failed;
         self.gateways = self.gateways.max(retry.gateways);
     }
@@ -120,6 +128,7 @@ pub struct Dispatcher {
     registry: GatewayRegistry,
     pool: GatewayPool,
     progress: Option<ProgressStore>,
+    offline: Option<OfflineDelivery>,
     cfg: DispatchConfig,
 }
 
@@ -139,8 +148,15 @@ impl Dispatcher {
             registry,
             pool,
             progress,
+            offline: None,
             cfg,
         }
+    }
+
+    /// Parks messages and publishes notices for offline recipients.
+    pub fn with_offline(mut self, offline: OfflineDelivery) -> Self {
+        self.offline = Some(offline);
+        self
     }
 
     async fn claim(&self, msg_id: i64, token: &str) -> Result<Progress, DispatchError> {
@@ -225,7 +241,7 @@ impl Dispatcher {
             names: members,
             picked,
         };
-        let mut report = self.fan_out(event, targets, turn).await?;
+        let mut report = self.fan_out(event, targets, member_count, turn).await?;
         report.members = member_count;
         report.already_delivered = already_delivered;
         Ok(report)
@@ -233,10 +249,12 @@ impl Dispatcher {
 
     /// Pushes an event to the given recipients only (a retry of those that
     /// failed): routes are looked up again, since a user may have moved.
+    /// `session_size` is the number of members of the event's session.
     pub async fn redeliver(
         &self,
         event: &PushEvent,
         recipients: Vec<String>,
+        session_size: usize,
     ) -> Result<FanoutReport, DispatchError> {
         count_deliveries("retried", NO_GATEWAY, recipients.len());
         let span = tracing::info_span!(
@@ -246,7 +264,7 @@ impl Dispatcher {
             recipients = recipients.len()
         );
         telemetry::trace::continue_from(&span, &event.trace_headers);
-        self.fan_out(event, Targets::all(recipients), Turn::free())
+        self.fan_out(event, Targets::all(recipients), session_size, Turn::free())
             .instrument(span)
             .await
     }
@@ -275,6 +293,38 @@ impl Dispatcher {
             }
         }
         (gateway_id, reply)
+    }
+
+    /// Parks and notices the report's offline recipients; those it could
+    /// not handle become failed recipients (retried), the others are
+    /// recorded as reached so a redelivery leaves them alone.
+    async fn settle_offline(
+        &self,
+        offline: &OfflineDelivery,
+        event: &PushEvent,
+        message: &PushMessage,
+        session_size: usize,
+        report: &mut FanoutReport,
+    ) {
+        if report.offline.is_empty() {
+            return;
+        }
+        let users: Vec<String> = report.offline.iter().map(|(u, _)| u.clone()).collect();
+        let outcome = offline.settle(event, message, session_size, &users).await;
+        if let Some(progress) = &self.progress {
+            let settled = outcome.settled(&users);
+            if let Err(e) = progress.record(event.msg_id, &settled).await {
+                tracing::warn!(msg_id = event.msg_id, error = %e, "offline progress not recorded; a redelivery may park these again (harmless)");
+            }
+        }
+        report.parked += outcome.parked;
+        report.noticed += outcome.noticed;
+        if !outcome.failed.is_empty() {
+            let failed: std::collections::HashSet<&str> =
+                outcome.failed.iter().map(|(u, _)| u.as_str()).collect();
+            report.offline.retain(|(u, _)| !failed.contains(u.as_str()));
+            report.failed.extend(outcome.failed);
+        }
     }
 
     /// Queues one gateway's chunks on its stream, in order.
@@ -316,6 +366,7 @@ impl Dispatcher {
         &self,
         event: &PushEvent,
         targets: Targets,
+        session_size: usize,
         turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
         let mut turn = turn;
@@ -413,6 +464,10 @@ impl Dispatcher {
         report.delivered += replies.delivered;
         report.offline.extend(replies.offline);
         report.failed.extend(replies.failed);
+        if let Some(offline) = &self.offline {
+            self.settle_offline(offline, event, &message, session_size, &mut report)
+                .await;
+        }
         tracing::debug!(
             delivered = report.delivered,
             offline = report.offline.len(),

@@ -45,6 +45,8 @@ pub(crate) struct Pending {
     outcomes: Vec<PushOutcome>,
     reply: Option<oneshot::Sender<PushReply>>,
     gateway_id: Arc<str>,
+    /// The stream window share, handed to the reply.
+    window: Option<OwnedSemaphorePermit>,
 }
 
 impl Pending {
@@ -58,6 +60,7 @@ impl Pending {
             recipients,
             reply: Some(reply),
             gateway_id,
+            window: None,
         }
     }
 
@@ -71,6 +74,7 @@ impl Pending {
             let _ = reply.send(PushReply {
                 recipients: std::mem::take(&mut self.recipients),
                 outcomes: std::mem::take(&mut self.outcomes),
+                window: self.window.take().map(super::InFlightShare),
             });
         }
     }
@@ -101,6 +105,7 @@ impl Drop for Pending {
                 let _ = reply.send(PushReply {
                     recipients: std::mem::take(&mut self.recipients),
                     outcomes: std::mem::take(&mut self.outcomes),
+                    window: self.window.take().map(super::InFlightShare),
                 });
             }
         }
@@ -111,7 +116,6 @@ impl Drop for Pending {
 pub(crate) struct Group {
     pending: Pending,
     pub(crate) deadline: Instant,
-    _permits: Option<OwnedSemaphorePermit>,
 }
 
 impl Group {
@@ -120,11 +124,9 @@ impl Group {
         deadline: Instant,
         permits: Option<OwnedSemaphorePermit>,
     ) -> Self {
-        Self {
-            pending,
-            deadline,
-            _permits: permits,
-        }
+        let mut pending = pending;
+        pending.window = permits;
+        Self { pending, deadline }
     }
 
     fn send(self) {

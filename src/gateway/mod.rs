@@ -25,7 +25,17 @@ pub use pool::{Answer, GatewayPool};
 pub struct PushReply {
     pub recipients: Vec<String>,
     pub outcomes: Vec<PushOutcome>,
+    /// The push's share of its stream's in-flight window
+    /// (`gateway.max_in_flight`), held until the reply is dropped: a caller
+    /// that records the outcomes first keeps every push the gateway may have
+    /// received but nobody recorded inside that window, which bounds what a
+    /// crash can make a redelivery repeat.
+    pub window: Option<InFlightShare>,
 }
+
+/// A held part of a stream's in-flight window; released on drop.
+#[derive(Debug)]
+pub struct InFlightShare(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 /// What happened to one recipient of one push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +57,8 @@ pub enum FailureKind {
     Closed,
     /// The route lookup for these recipients failed; nothing was pushed.
     Lookup,
+    /// Parking the message or publishing the offline notice failed.
+    Offline,
 }
 
 /// A transport failure shared by every recipient it hit.
@@ -75,6 +87,9 @@ impl fmt::Display for PushFailure {
             FailureKind::StreamBroken => "stream broke to",
             FailureKind::Closed => "stream closed to",
             FailureKind::Lookup => "routes not looked up for",
+            FailureKind::Offline => {
+                return write!(f, "offline delivery failed: {}", self.detail);
+            }
         };
         write!(f, "{what} gateway {}: {}", self.gateway_id, self.detail)
     }

@@ -95,6 +95,7 @@ impl GatewayPool {
             let _ = reply.send(PushReply {
                 recipients,
                 outcomes: Vec::new(),
+                window: None,
             });
             return Answer(answer);
         }

@@ -38,6 +38,8 @@ pub struct RedisClient {
 
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Single-key pipelines in flight at once on a cluster (see `per_key`).
+const CLUSTER_GROUPS_IN_FLIGHT: usize = 64;
 
 fn host_port(addr: &str) -> Result<(String, u16), RedisError> {
     let addr = addr
@@ -145,6 +147,47 @@ impl RedisClient {
             Handle::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         };
         result.map_err(|e| self.err(e))
+    }
+
+    /// Runs groups of commands, each group about one key, and returns each
+    /// group's first answer (the rest are ignored). On a standalone server
+    /// all groups go in one pipelined round trip; on a cluster each group is
+    /// its own pipeline (its key decides the node), many in flight at once.
+    pub async fn per_key(&self, groups: Vec<Vec<Cmd>>) -> Result<Vec<redis::Value>, RedisError> {
+        fn pipeline_of(groups: impl IntoIterator<Item = Vec<Cmd>>) -> Pipeline {
+            let mut pipe = redis::pipe();
+            for group in groups {
+                for (i, cmd) in group.into_iter().enumerate() {
+                    pipe.add_command(cmd);
+                    if i > 0 {
+                        pipe.ignore();
+                    }
+                }
+            }
+            pipe
+        }
+        match &self.handle {
+            Handle::Standalone(_) => {
+                if groups.is_empty() {
+                    return Ok(Vec::new());
+                }
+                self.pipeline(&pipeline_of(groups)).await
+            }
+            Handle::Cluster(_) => {
+                use futures::StreamExt;
+                futures::stream::iter(groups)
+                    .map(|group| async move {
+                        let mut answer: Vec<redis::Value> =
+                            self.pipeline(&pipeline_of([group])).await?;
+                        Ok(answer.pop().unwrap_or(redis::Value::Nil))
+                    })
+                    .buffered(CLUSTER_GROUPS_IN_FLIGHT)
+                    .collect::<Vec<Result<_, RedisError>>>()
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
     }
 
     /// Runs a pipeline; on a cluster every key of it must share one slot.

@@ -33,6 +33,19 @@ pub const MEMBER_CACHE_INVALIDATIONS: &str = "resonance_task_member_cache_invali
 pub const CONSUMER_PENDING: &str = "resonance_task_consumer_pending";
 /// Events delivered to a pod but not yet acked (JetStream num_ack_pending).
 pub const CONSUMER_ACK_PENDING: &str = "resonance_task_consumer_ack_pending";
+/// Offline recipients by outcome: parked, already_parked, read_path
+/// (session too large to park per member), failed.
+pub const OFFLINE: &str = "resonance_task_offline_total";
+/// Offline notices by outcome: published, rate_limited, failed (per
+/// recipient).
+pub const OFFLINE_NOTICES: &str = "resonance_task_offline_notices_total";
+/// Events taken from NATS by priority lane (high, normal).
+pub const LANE_EVENTS: &str = "resonance_task_lane_events_total";
+/// Events taken from NATS and waiting for a worker, by lane.
+pub const LANE_QUEUED: &str = "resonance_task_lane_queued";
+/// Notify worker: recipients by provider and outcome (sent, dropped,
+/// retried, deduplicated).
+pub const NOTIFY: &str = "resonance_task_notify_total";
 /// Reconnects by dependency (nats, etcd, gateway).
 pub const RECONNECTS: &str = "resonance_task_reconnects_total";
 
@@ -92,6 +105,11 @@ pub fn describe() {
     describe_gauge!(CONSUMER_PENDING, "Events waiting in the durable consumer");
     describe_gauge!(CONSUMER_ACK_PENDING, "Events delivered but not yet acked");
     describe_counter!(RECONNECTS, "Reconnects by dependency");
+    describe_counter!(OFFLINE, "Offline recipients by outcome");
+    describe_counter!(OFFLINE_NOTICES, "Offline notice recipients by outcome");
+    describe_counter!(LANE_EVENTS, "Events taken from NATS by priority lane");
+    describe_gauge!(LANE_QUEUED, "Events waiting for a worker by priority lane");
+    describe_counter!(NOTIFY, "Mobile-push recipients by provider and outcome");
 }
 
 /// Seconds since a unix-millisecond timestamp (0 for one in the future).

@@ -43,6 +43,7 @@ pub fn init(cfg: &LogConfig) {
             .build(),
     );
     if let Some(endpoint) = &cfg.otlp_endpoint {
+        crate::install_tls_provider();
         match opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_endpoint(endpoint.clone())

@@ -179,7 +179,9 @@ impl LocalServer {
         let Some(path) = self.health else {
             return tokio::net::TcpStream::connect(addr).await.is_ok();
         };
-        let probe = reqwest::Client::new()
+        let probe = crate::http_client()
+            .build()
+            .expect("HTTP client builds")
             .get(format!("http://{addr}{path}"))
             .timeout(Duration::from_secs(2))
             .send()

@@ -82,7 +82,11 @@ impl Driver {
         if mode == Mode::Floor {
             return Ok(Driver::Floor(Floor::start(bench).await?));
         }
-        let config = pod_config(&bench.config, mode);
+        Self::start_with(mode, pod_config(&bench.config, mode)).await
+    }
+
+    /// A `serial`, `stream` or `batch` consumer with this configuration.
+    pub(crate) async fn start_with(mode: Mode, config: Config) -> Result<Self, BenchError> {
         let nats = async_nats::connect(&config.nats.url).await.map_err(setup)?;
         let consumer = if mode == Mode::Serial {
             Consumer::Serial(Serial::start(&config).await?)

@@ -21,6 +21,7 @@
 mod drivers;
 mod floor;
 mod plot;
+mod priority;
 mod serial;
 mod storm;
 
@@ -90,6 +91,9 @@ pub struct BenchOptions {
     /// Also run a burst of 100,000-member events through a pod process
     /// with one slow gateway and report its peak memory.
     pub storm: bool,
+    /// Also measure high-priority latency under a saturating normal load,
+    /// lanes on and off.
+    pub priority: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Where the pods' `consumer.worker_count`, `gateway`, `dispatch` and
@@ -109,6 +113,7 @@ impl Default for BenchOptions {
             latency_seconds: 5.0,
             sweep: None,
             storm: false,
+            priority: false,
             progress: true,
             tuning: Config::default(),
         }
@@ -123,6 +128,9 @@ pub const SWEEP_SIZES: [usize; 6] = [2, 10, 100, 1_000, 10_000, 100_000];
 const STORM_GROUP: usize = 100_000;
 const STORM_EVENTS: usize = 30;
 const STORM_DELAY: Duration = Duration::from_millis(20);
+
+/// How long the priority phase offers its load, per lane setting.
+const PRIORITY_SECONDS: f64 = 5.0;
 
 /// Sessions per group size; events go round-robin over them.
 const SESSIONS_PER_SIZE: usize = 8;
@@ -175,6 +183,8 @@ pub struct BenchReport {
     pub sweep: Option<Vec<plot::SweepPoint>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storm: Option<storm::StormResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<priority::PriorityResult>,
 }
 
 impl BenchReport {
@@ -239,6 +249,19 @@ impl BenchReport {
             out.push_str(&format!(
                 "storm: {} events of {} members, one gateway answering after {} ms: {} deliveries in {:.1} s, pod peak RSS {:.1} MiB\n",
                 s.events, s.group_size, s.slow_gateway_delay_ms, s.deliveries, s.elapsed_s, s.peak_rss_mib
+            ));
+        }
+        if let Some(p) = &self.priority {
+            out.push_str(&format!(
+                "priority: {} normal events/s of {} members (over the peak) and {} one-to-one high events: high p50 {:.1} ms p99 {:.1} ms (lanes off: p50 {:.1} ms p99 {:.1} ms); normal p99 {:.1} ms\n",
+                p.normal_events_per_sec,
+                p.normal_group_size,
+                p.high_events,
+                p.lanes_on.high_p50_ms,
+                p.lanes_on.high_p99_ms,
+                p.lanes_off.high_p50_ms,
+                p.lanes_off.high_p99_ms,
+                p.lanes_on.normal_p99_ms
             ));
         }
         if let Some(sweep) = &self.sweep {
@@ -359,26 +382,11 @@ impl Bench {
             // Users are dealt round-robin, so every group spans every gateway.
             let held = names.iter().skip(g).step_by(gateways).cloned().collect();
             started.push(
-                ReferenceGateway::start(ReferenceGatewayOptions {
-                    gateway_id: format!("gateway-{:03}", g + 1),
-                    instance_id: None,
-                    grpc_listen: ([127, 0, 0, 1], 0).into(),
-                    advertise_host: "127.0.0.1".into(),
-                    advertise_port: None,
-                    http_listen: None,
-                    users: held,
-                    write_routes: true,
-                    etcd: config.etcd.clone(),
-                    redis: config.redis.clone(),
-                    namespace: config.registry.namespace.clone(),
-                    service_name: config.gateway_service_name.0.clone(),
-                    lease_ttl: Duration::from_secs(30),
-                    reply_delay: Duration::ZERO,
-                    refuse_streams: 0,
-                    journal: None,
-                    batch: true,
-                    track_deliveries: false,
-                })
+                ReferenceGateway::start(gateway_options(
+                    &config,
+                    format!("gateway-{:03}", g + 1),
+                    held,
+                ))
                 .await?,
             );
         }
@@ -602,6 +610,34 @@ fn sweep_events(group_size: usize) -> usize {
     (500_000 / group_size).clamp(SESSIONS_PER_SIZE, 50_000)
 }
 
+/// A reference gateway of the benchmark: batch-v1, no per-user ledger.
+pub(crate) fn gateway_options(
+    config: &Config,
+    gateway_id: String,
+    users: Vec<String>,
+) -> ReferenceGatewayOptions {
+    ReferenceGatewayOptions {
+        gateway_id,
+        instance_id: None,
+        grpc_listen: ([127, 0, 0, 1], 0).into(),
+        advertise_host: "127.0.0.1".into(),
+        advertise_port: None,
+        http_listen: None,
+        users,
+        write_routes: true,
+        etcd: config.etcd.clone(),
+        redis: config.redis.clone(),
+        namespace: config.registry.namespace.clone(),
+        service_name: config.gateway_service_name.0.clone(),
+        lease_ttl: Duration::from_secs(30),
+        reply_delay: Duration::ZERO,
+        refuse_streams: 0,
+        journal: None,
+        batch: true,
+        track_deliveries: false,
+    }
+}
+
 pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     if opts.gateways == 0 || opts.group_size == 0 || opts.latency_group_size == 0 {
         return Err(setup("gateways and group sizes must be at least 1"));
@@ -669,6 +705,22 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         None => None,
     };
 
+    let priority = if opts.priority {
+        let peak = match modes.get(Mode::Batch.as_str()) {
+            Some(batch) => batch.deliveries_per_sec,
+            None => {
+                let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
+                run_mode(&bench, Mode::Batch, &sessions, events)
+                    .await?
+                    .deliveries_per_sec
+            }
+        };
+        let per_event = opts.group_size.min(bench.users) as f64;
+        Some(priority::run(&bench, &sessions, peak / per_event, PRIORITY_SECONDS).await?)
+    } else {
+        None
+    };
+
     let storm = if opts.storm {
         let sessions = bench.sessions(STORM_GROUP).await?;
         Some(storm::run(&bench, &sessions, STORM_EVENTS, STORM_DELAY).await?)
@@ -687,6 +739,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         latency_at_half_peak,
         sweep,
         storm,
+        priority,
     };
     report.batch_vs_serial = report.ratio(Mode::Batch, Mode::Serial);
     report.batch_vs_stream = report.ratio(Mode::Batch, Mode::Stream);
