@@ -622,6 +622,32 @@ fn nats_subject(key: &'static str, v: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `v` must lie in `range`.
+fn within(
+    key: &'static str,
+    v: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<(), ConfigError> {
+    if !range.contains(&v) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be between {} and {}", range.start(), range.end()),
+        ));
+    }
+    Ok(())
+}
+
+/// `v` must not equal `other`, the value of `other_key`.
+fn differs(key: &'static str, v: &str, other_key: &str, other: &str) -> Result<(), ConfigError> {
+    if v == other {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must differ from {other_key}"),
+        ));
+    }
+    Ok(())
+}
+
 /// A JetStream stream or consumer name.
 fn stream_name(key: &'static str, name: &str) -> Result<(), ConfigError> {
     non_empty(key, name)?;
@@ -744,12 +770,11 @@ impl Config {
                 "must differ from consumer.stream",
             ));
         }
-        if !(1..=100_000).contains(&self.consumer.worker_count) {
-            return Err(ConfigError::invalid(
-                "consumer.worker_count",
-                "must be between 1 and 100000",
-            ));
-        }
+        within(
+            "consumer.worker_count",
+            self.consumer.worker_count,
+            1..=100_000,
+        )?;
         positive("consumer.retry_interval", self.consumer.retry_interval)?;
         if self.consumer.retry_backoff_max < self.consumer.retry_interval {
             return Err(ConfigError::invalid(
@@ -815,24 +840,17 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if !(1..=10_000).contains(&self.dispatch.route_chunk_size) {
-            return Err(ConfigError::invalid(
-                "dispatch.route_chunk_size",
-                "must be between 1 and 10000",
-            ));
-        }
-        if !(1..=100_000).contains(&self.dispatch.push_chunk_size) {
-            return Err(ConfigError::invalid(
-                "dispatch.push_chunk_size",
-                "must be between 1 and 100000",
-            ));
-        }
-        if !(1..=100_000).contains(&self.dispatch.batch_size) {
-            return Err(ConfigError::invalid(
-                "dispatch.batch_size",
-                "must be between 1 and 100000",
-            ));
-        }
+        within(
+            "dispatch.route_chunk_size",
+            self.dispatch.route_chunk_size,
+            1..=10_000,
+        )?;
+        within(
+            "dispatch.push_chunk_size",
+            self.dispatch.push_chunk_size,
+            1..=100_000,
+        )?;
+        within("dispatch.batch_size", self.dispatch.batch_size, 1..=100_000)?;
         if self
             .dispatch
             .session_changed_topic
@@ -852,12 +870,7 @@ impl Config {
         }
         self.validate_offline()?;
         self.validate_notify()?;
-        if !(1..=100_000).contains(&self.priority.prefetch) {
-            return Err(ConfigError::invalid(
-                "priority.prefetch",
-                "must be between 1 and 100000",
-            ));
-        }
+        within("priority.prefetch", self.priority.prefetch, 1..=100_000)?;
         Ok(())
     }
 
@@ -875,24 +888,19 @@ impl Config {
         if o.notice {
             nats_subject("offline.notice_topic", &o.notice_topic)?;
             stream_name("offline.notice_stream", &o.notice_stream)?;
-            if o.notice_topic == self.consumer.topic {
-                return Err(ConfigError::invalid(
-                    "offline.notice_topic",
-                    "must differ from consumer.topic",
-                ));
-            }
-            if o.notice_stream == self.consumer.stream {
-                return Err(ConfigError::invalid(
-                    "offline.notice_stream",
-                    "must differ from consumer.stream",
-                ));
-            }
-            if !(1..=10_000).contains(&o.notice_batch) {
-                return Err(ConfigError::invalid(
-                    "offline.notice_batch",
-                    "must be between 1 and 10000",
-                ));
-            }
+            differs(
+                "offline.notice_topic",
+                &o.notice_topic,
+                "consumer.topic",
+                &self.consumer.topic,
+            )?;
+            differs(
+                "offline.notice_stream",
+                &o.notice_stream,
+                "consumer.stream",
+                &self.consumer.stream,
+            )?;
+            within("offline.notice_batch", o.notice_batch, 1..=10_000)?;
         }
         Ok(())
     }
@@ -902,18 +910,13 @@ impl Config {
         stream_name("notify.queue_group", &n.queue_group)?;
         stream_name("notify.dead_letter_stream", &n.dead_letter_stream)?;
         nats_subject("notify.dead_letter_topic", &n.dead_letter_topic)?;
-        if n.dead_letter_topic == self.offline.notice_topic {
-            return Err(ConfigError::invalid(
-                "notify.dead_letter_topic",
-                "must differ from offline.notice_topic",
-            ));
-        }
-        if !(1..=10_000).contains(&n.worker_count) {
-            return Err(ConfigError::invalid(
-                "notify.worker_count",
-                "must be between 1 and 10000",
-            ));
-        }
+        differs(
+            "notify.dead_letter_topic",
+            &n.dead_letter_topic,
+            "offline.notice_topic",
+            &self.offline.notice_topic,
+        )?;
+        within("notify.worker_count", n.worker_count, 1..=10_000)?;
         positive("notify.retry_interval", n.retry_interval)?;
         positive("notify.request_timeout", n.request_timeout)?;
         if n.ack_wait < Duration::from_secs(1) {

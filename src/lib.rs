@@ -160,59 +160,97 @@ async fn watch_database(pool: sqlx::AnyPool, readiness: Arc<Readiness>, cancel: 
     }
 }
 
+/// What every long-running command shares: one cancellation for intake,
+/// one for the end of the grace period, a tracker of every spawned task,
+/// readiness, and the admin port.
+pub(crate) struct Lifecycle {
+    pub(crate) cancel: CancellationToken,
+    pub(crate) abort: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) readiness: Arc<Readiness>,
+}
+
+impl Lifecycle {
+    pub(crate) async fn start(
+        admin: &config::AdminConfig,
+    ) -> Result<Self, telemetry::admin::AdminError> {
+        let lifecycle = Self {
+            cancel: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            readiness: Arc::new(Readiness::default()),
+        };
+        telemetry::metrics::describe();
+        if admin.enabled {
+            telemetry::admin::serve(
+                admin.listen,
+                lifecycle.readiness.clone(),
+                &lifecycle.tracker,
+                lifecycle.cancel.clone(),
+            )
+            .await?;
+        }
+        Ok(lifecycle)
+    }
+
+    /// Stops intake, lets in-flight work finish within `grace`, then hands
+    /// what is left back to NATS (so another process takes it now rather
+    /// than after ack_wait) and flushes the acks on `nats`.
+    pub(crate) async fn drain(&self, grace: Duration, nats: Option<&async_nats::Client>) {
+        self.cancel.cancel();
+        self.tracker.close();
+        tracing::info!(?grace, "shutting down: finishing in-flight work");
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            self.abort.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "some in-flight messages could not be handed back; NATS redelivers them after ack_wait"
+                );
+            }
+        }
+        if let Some(nats) = nats {
+            // NATS may be gone too; do not wait for it forever.
+            match tokio::time::timeout(Duration::from_secs(5), nats.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "flushing acks to NATS failed"),
+                Err(_) => tracing::warn!(
+                    "flushing acks to NATS timed out; unflushed acks mean redeliveries"
+                ),
+            }
+        }
+    }
+}
+
 /// Runs the task service until `shutdown` resolves: stop intake, let
 /// in-flight events finish (up to a grace period), close gateway streams.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let cancel = CancellationToken::new();
-    let abort = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    telemetry::metrics::describe();
-    let readiness = Arc::new(Readiness::default());
-    if config.admin.enabled {
-        telemetry::admin::serve(
-            config.admin.listen,
-            readiness.clone(),
-            &tracker,
-            cancel.clone(),
-        )
-        .await?;
-    }
-    let serve = serve(&config, &cancel, &abort, &tracker, readiness);
+    let life = Lifecycle::start(&config.admin).await?;
+    let serve = serve(
+        &config,
+        &life.cancel,
+        &life.abort,
+        &life.tracker,
+        life.readiness.clone(),
+    );
     tokio::pin!(serve);
     let result = tokio::select! {
         r = &mut serve => r,
         _ = shutdown => {
-            cancel.cancel();
+            life.cancel.cancel();
             serve.await
         }
     };
-    cancel.cancel();
-    tracker.close();
-    let grace = config.consumer.shutdown_grace;
-    tracing::info!(?grace, "shutting down: finishing in-flight events");
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        // Hand what is left back to NATS so another pod takes it now rather
-        // than after ack_wait.
-        abort.cancel();
-        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "some in-flight events could not be handed back; NATS redelivers them after ack_wait"
-            );
-        }
-    }
-    if let Ok(Some(nats)) = &result {
-        // NATS may be gone too; do not wait for it forever.
-        match tokio::time::timeout(Duration::from_secs(5), nats.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "flushing acks to NATS failed"),
-            Err(_) => {
-                tracing::warn!("flushing acks to NATS timed out; unflushed acks mean redeliveries")
-            }
-        }
-    }
+    let nats = match &result {
+        Ok(Some(nats)) => Some(nats),
+        _ => None,
+    };
+    life.drain(config.consumer.shutdown_grace, nats).await;
     tracing::info!("stopped");
     result.map(|_| ())
 }

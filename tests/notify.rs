@@ -154,6 +154,17 @@ fn hooks_for(seen: &Shared, user: &str) -> usize {
         .count()
 }
 
+/// Bodies of the pushes Getui accepted.
+fn accepted_pushes(seen: &Shared) -> Vec<Value> {
+    seen.lock()
+        .unwrap()
+        .pushes
+        .iter()
+        .filter(|(_, _, code)| *code == 0)
+        .map(|(_, body, _)| body.clone())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notices_reach_a_webhook_and_getui_signed_retried_and_once() {
     let stack = Stack::start().await;
@@ -230,15 +241,10 @@ async fn notices_reach_a_webhook_and_getui_signed_retried_and_once() {
 
     // Getui: signed auth, one renewal after code 10001, one push per user
     // with a client id, none for the others.
+    let ok = accepted_pushes(&seen);
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.auths.len(), 2, "first token, then one renewal");
-        let ok: Vec<&Value> = seen
-            .pushes
-            .iter()
-            .filter(|(_, _, code)| *code == 0)
-            .map(|(_, b, _)| b)
-            .collect();
         let cids: Vec<&str> = ok
             .iter()
             .map(|b| b["audience"]["cid"][0].as_str().unwrap())
@@ -272,15 +278,7 @@ async fn notices_reach_a_webhook_and_getui_signed_retried_and_once() {
     wait_settled(&nats, &notify_view).await;
     assert_eq!(hooks_for(&seen, "u1"), 1);
     assert_eq!(hooks_for(&seen, "flaky"), 3);
-    assert_eq!(
-        seen.lock()
-            .unwrap()
-            .pushes
-            .iter()
-            .filter(|(_, _, c)| *c == 0)
-            .count(),
-        2
-    );
+    assert_eq!(accepted_pushes(&seen).len(), 2);
 
     // An undecodable notice is dead-lettered, not retried.
     publish_notice(&js, &config, vec![0xff, 0xff, 0xff]).await;

@@ -21,7 +21,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, ConsumerConfig, ConsumerMode};
@@ -331,23 +330,11 @@ impl Handle for NoticeHandler {
 
 /// Runs the notify worker until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NotifyError> {
-    let cancel = CancellationToken::new();
-    let abort = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    telemetry::metrics::describe();
-    let readiness = Arc::new(Readiness::default());
+    let life = crate::Lifecycle::start(&config.admin).await?;
+    let readiness = life.readiness.clone();
     // Neither a registry nor a database is involved here.
     Readiness::set(&readiness.registry_synced, true);
     Readiness::set(&readiness.database_reachable, true);
-    if config.admin.enabled {
-        telemetry::admin::serve(
-            config.admin.listen,
-            readiness.clone(),
-            &tracker,
-            cancel.clone(),
-        )
-        .await?;
-    }
     let redis = RedisClient::connect(&config.redis).await?;
     let providers = providers(&config, &redis)?;
     tracing::info!(
@@ -376,31 +363,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         cfg.clone(),
         handler,
         crate::consumer::jetstream::Shutdown {
-            stop: cancel.clone(),
-            abort: abort.clone(),
+            stop: life.cancel.clone(),
+            abort: life.abort.clone(),
             readiness,
         },
-        tracker.clone(),
+        life.tracker.clone(),
         cfg.worker_count,
     );
     tokio::pin!(intake);
     tokio::select! {
         _ = &mut intake => {}
         _ = shutdown => {
-            cancel.cancel();
+            life.cancel.cancel();
             intake.await;
         }
     }
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(cfg.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        abort.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), nats.flush()).await;
+    life.drain(cfg.shutdown_grace, Some(&nats)).await;
     tracing::info!("notify worker stopped");
     Ok(())
 }
