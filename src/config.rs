@@ -508,7 +508,7 @@ pub struct PriorityConfig {
 impl Default for PriorityConfig {
     fn default() -> Self {
         Self {
-            prefetch: 1024,
+            prefetch: 4096,
             high_types: Vec::new(),
             one_to_one_high: false,
         }

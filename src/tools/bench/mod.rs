@@ -96,8 +96,8 @@ pub struct BenchOptions {
     pub priority: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
-    /// Where the pods' `consumer.worker_count`, `gateway`, `dispatch` and
-    /// `dedup` settings come from (the loaded configuration), so tuning
+    /// Where the pods' `consumer.worker_count`, `gateway`, `dispatch`,
+    /// `dedup` and `priority` settings come from (the loaded configuration), so tuning
     /// can be measured; servers and addresses are the benchmark's own.
     pub tuning: Config,
 }
@@ -356,6 +356,7 @@ impl Bench {
         config.gateway = tuning.gateway.clone();
         config.dispatch = tuning.dispatch.clone();
         config.dedup = tuning.dedup.clone();
+        config.priority = tuning.priority.clone();
         config.nats.url = format!("nats://127.0.0.1:{}", nats.port);
         config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
         config.redis.addr = format!("127.0.0.1:{}", redis.port);
