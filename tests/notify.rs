@@ -137,12 +137,19 @@ fn notice(msg_id: i64, recipients: &[&str]) -> OfflineNotice {
     }
 }
 
-async fn publish_notice(js: &jetstream::Context, config: &Config, payload: Vec<u8>) {
-    js.publish(config.offline.notice_topic.clone(), payload.into())
+/// Publishes a notice and waits until the notify worker settled it.
+async fn settle_notice(
+    js: &jetstream::Context,
+    nats: &async_nats::Client,
+    view: &Config,
+    payload: Vec<u8>,
+) {
+    js.publish(view.offline.notice_topic.clone(), payload.into())
         .await
         .unwrap()
         .await
         .unwrap();
+    wait_settled(nats, view).await;
 }
 
 fn hooks_for(seen: &Shared, user: &str) -> usize {
@@ -201,15 +208,20 @@ async fn notices_reach_a_webhook_and_getui_signed_retried_and_once() {
     notify_view.consumer = resonance_task::notify::consumer_config(&config);
     wait_consuming(&nats, &notify_view).await;
 
-    publish_notice(
+    settle_notice(
         &js,
-        &config,
+        &nats,
+        &notify_view,
         notice(1, &["u1", "flaky", "refused"]).encode_to_vec(),
     )
     .await;
-    wait_settled(&nats, &notify_view).await;
-    publish_notice(&js, &config, notice(2, &["u2", "u3"]).encode_to_vec()).await;
-    wait_settled(&nats, &notify_view).await;
+    settle_notice(
+        &js,
+        &nats,
+        &notify_view,
+        notice(2, &["u2", "u3"]).encode_to_vec(),
+    )
+    .await;
 
     // Webhook: 5xx retried until it worked, 4xx never retried.
     let counts: HashMap<&str, usize> = ["u1", "flaky", "refused", "u2", "u3"]
@@ -269,20 +281,19 @@ async fn notices_reach_a_webhook_and_getui_signed_retried_and_once() {
     }
 
     // A redelivered notice (same msg_id) sends nothing twice.
-    publish_notice(
+    settle_notice(
         &js,
-        &config,
+        &nats,
+        &notify_view,
         notice(1, &["u1", "flaky", "refused"]).encode_to_vec(),
     )
     .await;
-    wait_settled(&nats, &notify_view).await;
     assert_eq!(hooks_for(&seen, "u1"), 1);
     assert_eq!(hooks_for(&seen, "flaky"), 3);
     assert_eq!(accepted_pushes(&seen).len(), 2);
 
     // An undecodable notice is dead-lettered, not retried.
-    publish_notice(&js, &config, vec![0xff, 0xff, 0xff]).await;
-    wait_settled(&nats, &notify_view).await;
+    settle_notice(&js, &nats, &notify_view, vec![0xff, 0xff, 0xff]).await;
     let letters = resonance_task::tools::dlq::list(&js, &notify_view.consumer)
         .await
         .unwrap();
