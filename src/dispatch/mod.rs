@@ -471,6 +471,8 @@ impl Dispatcher {
         tracing::debug!(
             delivered = report.delivered,
             offline = report.offline.len(),
+            parked = report.parked,
+            noticed = report.noticed,
             failed = report.failed.len(),
             gateways = report.gateways,
             elapsed = ?started.elapsed(),
