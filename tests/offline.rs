@@ -19,6 +19,17 @@ async fn offline_store(config: &Config) -> OfflineStore {
     OfflineStore::new(redis, config.offline.max_messages, config.offline.ttl)
 }
 
+/// The seq_ids of up to `max` messages pulled for `user`.
+async fn pulled_seqs(store: &OfflineStore, user: &str, max: usize) -> Vec<i64> {
+    store
+        .pull(user, max)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq_id)
+        .collect()
+}
+
 /// Every notice stored so far, decoded.
 async fn notices(nats: &async_nats::Client, config: &Config) -> Vec<OfflineNotice> {
     let js = jetstream::new(nats.clone());
@@ -84,14 +95,7 @@ async fn offline_members_get_their_messages_back_in_order_exactly_once() {
     assert!(parked.pull("b", 10).await.unwrap().is_empty(), "drained");
 
     // c drains in one go, lowest seq_id first.
-    let c: Vec<i64> = parked
-        .pull("c", 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|m| m.seq_id)
-        .collect();
-    assert_eq!(c, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(pulled_seqs(&parked, "c", 100).await, vec![1, 2, 3, 4, 5, 6]);
     pod.stop().await;
     g1.stop().await;
 }
@@ -126,14 +130,11 @@ async fn parking_is_idempotent_bounded_and_expires() {
         .await
         .unwrap();
     assert!(ttl > 0 && ttl <= 600_000, "ttl {ttl}");
-    let kept: Vec<i64> = store
-        .pull("u", 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|m| m.seq_id)
-        .collect();
-    assert_eq!(kept, vec![3, 4, 5], "the oldest went first");
+    assert_eq!(
+        pulled_seqs(&store, "u", 10).await,
+        vec![3, 4, 5],
+        "the oldest went first"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

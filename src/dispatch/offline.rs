@@ -98,9 +98,9 @@ pub fn notice(event: &PushEvent, recipients: Vec<String>, preview_chars: usize) 
 }
 
 impl OfflineDelivery {
-    /// `js` publishes notices; `None` turns them off whatever the config.
+    /// `js` publishes notices; `None` (the caller's choice when
+    /// `offline.notice` is off) sends none.
     pub fn new(store: OfflineStore, js: Option<jetstream::Context>, cfg: OfflineConfig) -> Self {
-        let js = js.filter(|_| cfg.notice);
         Self { store, js, cfg }
     }
 
