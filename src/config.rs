@@ -6,7 +6,9 @@
 //! existing file keeps its meaning; `database`, `gateway` and `dispatch` are
 //! ours. Everything is validated once at start-up by [`Config::load`]: an
 //! unknown key or a bad value refuses to start and the error names the key.
-//! Secrets are [`Secret`] values, redacted in `Debug` and when printed.
+//! Secrets are [`Secret`] values, redacted in `Debug` and when printed;
+//! each can instead be read from a file named by the same key with a
+//! `_file` suffix (`nats.password_file`), as Kubernetes mounts secrets.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -31,13 +33,22 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Parse(Box<figment::Error>),
     #[error("configuration key `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid {
+        key: std::borrow::Cow<'static, str>,
+        reason: String,
+    },
+    #[error("configuration key `{key}`: reading {path}: {cause}")]
+    KeyFile {
+        key: String,
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 impl ConfigError {
-    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+    fn invalid(key: impl Into<std::borrow::Cow<'static, str>>, reason: impl Into<String>) -> Self {
         Self::Invalid {
-            key,
+            key: key.into(),
             reason: reason.into(),
         }
     }
@@ -61,7 +72,81 @@ pub struct Config {
     pub offline: OfflineConfig,
     pub priority: PriorityConfig,
     pub notify: NotifyConfig,
+    pub limits: LimitsConfig,
     pub admin: AdminConfig,
+}
+
+/// TLS of one outgoing connection. Files are PEM; they are checked at
+/// start-up and read again when they change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Use TLS even where the address does not ask for it (`tls://`,
+    /// `rediss://`, `https://`, `grpcs://` always do).
+    pub enabled: bool,
+    /// CA bundle that signs the servers' certificates; unset: the system's
+    /// trust store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain, for servers that require one (mutual TLS).
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub key_file: Option<PathBuf>,
+    /// Name the server certificate must carry, when it differs from the
+    /// host in the address.
+    pub server_name: Option<String>,
+}
+
+/// Bounds on what one event may carry; an event beyond them is
+/// dead-lettered with the bound it broke.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Encoded `PushEvent` bytes.
+    pub max_payload_bytes: usize,
+    /// Bytes of `content`.
+    pub max_content_bytes: usize,
+    /// Members of one session; the member query reads one more at most.
+    pub max_members: usize,
+    /// Bytes of a username (`from_username`, `to_username`, members).
+    pub max_username_bytes: usize,
+    /// Bytes of `session_id`.
+    pub max_session_id_bytes: usize,
+    /// Characters allowed in usernames and session ids.
+    pub id_charset: IdCharset,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1024 * 1024,
+            max_content_bytes: 64 * 1024,
+            max_members: 100_000,
+            max_username_bytes: 128,
+            max_session_id_bytes: 128,
+            id_charset: IdCharset::Printable,
+        }
+    }
+}
+
+/// `printable`: any character but control characters and whitespace.
+/// `ascii`: letters, digits and `.`, `_`, `-`, `@`, `:`, `#`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IdCharset {
+    #[default]
+    Printable,
+    Ascii,
+}
+
+impl IdCharset {
+    pub fn allows(self, c: char) -> bool {
+        match self {
+            Self::Printable => !c.is_control() && !c.is_whitespace(),
+            Self::Ascii => {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | ':' | '#')
+            }
+        }
+    }
 }
 
 /// The admin HTTP port: /metrics, /healthz, /readyz.
@@ -129,9 +214,19 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    pub url: String,
+    /// One server or a comma-separated list; `tls://` asks for TLS.
+    pub url: SecretUrl,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    /// NKey seed (`SU...`) of the user.
+    pub nkey: Option<Secret>,
+    pub nkey_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    pub tls: TlsConfig,
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
 }
@@ -139,9 +234,16 @@ pub struct NatsConfig {
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
-            url: "nats://127.0.0.1:4222".into(),
+            url: SecretUrl::new("nats://127.0.0.1:4222"),
             username: None,
             password: None,
+            password_file: None,
+            token: None,
+            token_file: None,
+            nkey: None,
+            nkey_file: None,
+            credentials_file: None,
+            tls: TlsConfig::default(),
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -154,6 +256,9 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// `https://` endpoints ask for TLS.
+    pub tls: TlsConfig,
     #[serde(with = "duration")]
     pub dial_timeout: Duration,
 }
@@ -164,6 +269,8 @@ impl Default for EtcdConfig {
             endpoints: vec!["http://127.0.0.1:2379".into()],
             username: None,
             password: None,
+            password_file: None,
+            tls: TlsConfig::default(),
             dial_timeout: Duration::from_secs(5),
         }
     }
@@ -172,13 +279,17 @@ impl Default for EtcdConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `host:port` of a standalone server (ignored when `cluster_addrs` is set).
+    /// `host:port` of a standalone server (ignored when `cluster_addrs` is
+    /// set); `rediss://host:port` asks for TLS.
     pub addr: String,
     /// Seed nodes of a Redis Cluster; non-empty selects cluster mode.
     #[serde(deserialize_with = "string_list")]
     pub cluster_addrs: Vec<String>,
+    /// ACL user; unset: `default`.
     pub username: Option<String>,
     pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub tls: TlsConfig,
     pub db: i64,
 }
 
@@ -189,6 +300,8 @@ impl Default for RedisConfig {
             cluster_addrs: Vec::new(),
             username: None,
             password: None,
+            password_file: None,
+            tls: TlsConfig::default(),
             db: 0,
         }
     }
@@ -314,6 +427,9 @@ pub struct DatabaseConfig {
     /// sqlx URL: `sqlite://file.db`, `mysql://user:pw@host/db`,
     /// `postgres://user:pw@host/db`.
     pub url: SecretUrl,
+    /// Replaces the password in `url`, so the URL itself holds none.
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
     pub max_connections: u32,
     #[serde(with = "duration")]
     pub acquire_timeout: Duration,
@@ -325,6 +441,8 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: SecretUrl("sqlite://resonance-task.db?mode=rwc".into()),
+            password: None,
+            password_file: None,
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
             migrate_on_start: None,
@@ -357,6 +475,9 @@ pub struct GatewayPoolConfig {
     pub max_backoff: Duration,
     /// Which push service to call on gateways that advertise batch-v1.
     pub push_protocol: PushProtocolChoice,
+    /// TLS to gateways: used for `grpcs://` endpoints, or for all when
+    /// `enabled`; a client certificate makes it mutual.
+    pub tls: TlsConfig,
 }
 
 /// `auto`: batch-v1 where a gateway advertises it, per-user `PushService`
@@ -378,6 +499,7 @@ impl Default for GatewayPoolConfig {
             max_in_flight: 2048,
             max_backoff: Duration::from_secs(10),
             push_protocol: PushProtocolChoice::Auto,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -567,6 +689,7 @@ pub struct WebhookConfig {
     pub url: String,
     /// HMAC-SHA256 key of the signature header.
     pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
 }
 
 /// Getui (个推) REST API v2.
@@ -579,6 +702,7 @@ pub struct GetuiConfig {
     pub app_id: String,
     pub app_key: String,
     pub master_secret: Option<Secret>,
+    pub master_secret_file: Option<PathBuf>,
     /// Redis key holding a user's Getui client id (`{username}` replaced).
     pub cid_key: String,
     /// How long Getui keeps the notification for an offline phone.
@@ -593,6 +717,7 @@ impl Default for GetuiConfig {
             app_id: String::new(),
             app_key: String::new(),
             master_secret: None,
+            master_secret_file: None,
             cid_key: "resonance:getui:cid:{username}".into(),
             ttl: Duration::from_secs(2 * 3600),
         }
@@ -620,6 +745,26 @@ fn nats_subject(key: &'static str, v: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// A user name and its password come together.
+fn pair(
+    user_key: &'static str,
+    user: &Option<String>,
+    password_key: &'static str,
+    password: &Option<Secret>,
+) -> Result<(), ConfigError> {
+    match (user, password) {
+        (Some(_), None) => Err(ConfigError::invalid(
+            password_key,
+            format!("is required with {user_key}"),
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            user_key,
+            format!("is required with {password_key}"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `v` must lie in `range`.
@@ -682,10 +827,11 @@ impl Config {
             }
             None => {}
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .merge(env)
             .extract()
             .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
     }
@@ -694,17 +840,19 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
         non_empty("service.name", &self.service.name)?;
-        if !["nats://", "tls://", "ws://", "wss://"]
-            .iter()
-            .any(|s| self.nats.url.starts_with(s))
-            && self.nats.url.contains("://")
-        {
-            return Err(ConfigError::invalid(
-                "nats.url",
-                format!("`{}` has an unknown scheme", self.nats.url),
-            ));
+        for url in self.nats.url.expose().split(',') {
+            if !["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|s| url.trim().starts_with(s))
+                && url.contains("://")
+            {
+                return Err(ConfigError::invalid(
+                    "nats.url",
+                    format!("`{}` has an unknown scheme", SecretUrl::new(url)),
+                ));
+            }
         }
-        non_empty("nats.url", &self.nats.url)?;
+        non_empty("nats.url", self.nats.url.expose())?;
         positive("nats.connect_timeout", self.nats.connect_timeout)?;
         if self.etcd.endpoints.is_empty() {
             return Err(ConfigError::invalid(
@@ -870,7 +1018,181 @@ impl Config {
         }
         self.validate_offline()?;
         self.validate_notify()?;
+        self.validate_security()?;
+        self.validate_limits()?;
         within("priority.prefetch", self.priority.prefetch, 1..=100_000)?;
+        Ok(())
+    }
+
+    /// Credentials and TLS of every connection.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let n = &self.nats;
+        let methods = [
+            ("nats.password", n.password.is_some()),
+            ("nats.token", n.token.is_some()),
+            ("nats.nkey", n.nkey.is_some()),
+            ("nats.credentials_file", n.credentials_file.is_some()),
+        ];
+        let chosen: Vec<&str> = methods.iter().filter(|m| m.1).map(|m| m.0).collect();
+        if chosen.len() > 1 {
+            return Err(ConfigError::invalid(
+                chosen[1],
+                format!("set one NATS credential, not {}", chosen.join(" and ")),
+            ));
+        }
+        pair("nats.username", &n.username, "nats.password", &n.password)?;
+        if let Some(path) = &n.credentials_file {
+            std::fs::metadata(path).map_err(|cause| ConfigError::KeyFile {
+                key: "nats.credentials_file".into(),
+                path: path.clone(),
+                cause,
+            })?;
+        }
+        pair(
+            "etcd.username",
+            &self.etcd.username,
+            "etcd.password",
+            &self.etcd.password,
+        )?;
+        if self.redis.username.is_some() && self.redis.password.is_none() {
+            return Err(ConfigError::invalid(
+                "redis.password",
+                "is required with redis.username",
+            ));
+        }
+        for (key, addr) in std::iter::once(("redis.addr", &self.redis.addr)).chain(
+            self.redis
+                .cluster_addrs
+                .iter()
+                .map(|a| ("redis.cluster_addrs", a)),
+        ) {
+            if addr.contains('@') {
+                return Err(ConfigError::invalid(
+                    key,
+                    "carries credentials; set redis.username and redis.password instead",
+                ));
+            }
+            if let Some((scheme, _)) = addr.split_once("://")
+                && !["redis", "rediss"].contains(&scheme)
+            {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("`{addr}`: use host:port, redis://host:port or rediss://host:port"),
+                ));
+            }
+        }
+        for e in &self.etcd.endpoints {
+            if let Some((scheme, _)) = e.split_once("://")
+                && !["http", "https"].contains(&scheme)
+            {
+                return Err(ConfigError::invalid(
+                    "etcd.endpoints",
+                    format!("`{e}`: use host:port, http:// or https://"),
+                ));
+            }
+        }
+        if self.database.password.is_some() && self.database.url.expose().starts_with("sqlite:") {
+            return Err(ConfigError::invalid(
+                "database.password",
+                "SQLite has no password",
+            ));
+        }
+        for (section, tls, names_server) in [
+            ("nats.tls", &self.nats.tls, false),
+            ("etcd.tls", &self.etcd.tls, true),
+            ("redis.tls", &self.redis.tls, false),
+            ("gateway.tls", &self.gateway.tls, true),
+        ] {
+            if let Some(name) = &tls.server_name {
+                if !names_server {
+                    return Err(ConfigError::invalid(
+                        format!("{section}.server_name"),
+                        "is not supported here; address the server by a name its certificate carries",
+                    ));
+                }
+                non_empty("gateway.tls.server_name", name)?;
+            }
+            crate::tls::TlsMaterial::read(section, tls).map_err(|e| {
+                ConfigError::invalid(e.key, format!("{}: {}", e.path.display(), e.reason))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        within(
+            "limits.max_payload_bytes",
+            l.max_payload_bytes,
+            64..=64 * 1024 * 1024,
+        )?;
+        within(
+            "limits.max_content_bytes",
+            l.max_content_bytes,
+            1..=l.max_payload_bytes,
+        )?;
+        within("limits.max_members", l.max_members, 1..=10_000_000)?;
+        within("limits.max_username_bytes", l.max_username_bytes, 1..=4096)?;
+        within(
+            "limits.max_session_id_bytes",
+            l.max_session_id_bytes,
+            1..=4096,
+        )?;
+        Ok(())
+    }
+
+    /// Reads each secret set as a `*_file` path into its key. Setting both
+    /// the key and its file is refused; a trailing newline is dropped.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let slots: [(&'static str, &mut Option<Secret>, &Option<PathBuf>); 8] = [
+            (
+                "nats.password",
+                &mut self.nats.password,
+                &self.nats.password_file,
+            ),
+            ("nats.token", &mut self.nats.token, &self.nats.token_file),
+            ("nats.nkey", &mut self.nats.nkey, &self.nats.nkey_file),
+            (
+                "etcd.password",
+                &mut self.etcd.password,
+                &self.etcd.password_file,
+            ),
+            (
+                "redis.password",
+                &mut self.redis.password,
+                &self.redis.password_file,
+            ),
+            (
+                "database.password",
+                &mut self.database.password,
+                &self.database.password_file,
+            ),
+            (
+                "notify.webhook.secret",
+                &mut self.notify.webhook.secret,
+                &self.notify.webhook.secret_file,
+            ),
+            (
+                "notify.getui.master_secret",
+                &mut self.notify.getui.master_secret,
+                &self.notify.getui.master_secret_file,
+            ),
+        ];
+        for (key, value, file) in slots {
+            let Some(path) = file else { continue };
+            if value.is_some() {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("set {key} or {key}_file, not both"),
+                ));
+            }
+            let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::KeyFile {
+                key: format!("{key}_file"),
+                path: path.clone(),
+                cause,
+            })?;
+            *value = Some(Secret::new(text.trim_end_matches(['\n', '\r'])));
+        }
         Ok(())
     }
 
@@ -999,6 +1321,12 @@ impl Secret {
 
 const REDACTED: &str = "<redacted>";
 
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(REDACTED)
@@ -1024,25 +1352,38 @@ impl SecretUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+    /// Each URL of a comma-separated list with its password (or a NATS
+    /// token standing alone before `@`) and any password-like query value
+    /// replaced.
     fn redacted(&self) -> String {
-        let Some((scheme, rest)) = self.0.split_once("://") else {
-            return self.0.clone();
-        };
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-                let masked = if userinfo.contains(':') {
-                    format!("{user}:{REDACTED}")
-                } else {
-                    user.to_string()
-                };
-                let tail = redact_query_password(tail);
-                format!("{scheme}://{masked}@{host}{tail}")
-            }
-            None => format!("{scheme}://{authority}{}", redact_query_password(tail)),
+        self.0
+            .split(',')
+            .map(redact_one_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn redact_one_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let tail = redact_query_password(tail);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let masked = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:{REDACTED}"),
+                // `nats://TOKEN@host`: the lone part is the secret.
+                None if ["nats", "tls", "ws", "wss"].contains(&scheme.trim()) => {
+                    REDACTED.to_string()
+                }
+                None => userinfo.to_string(),
+            };
+            format!("{scheme}://{masked}@{host}{tail}")
         }
+        None => format!("{scheme}://{authority}{tail}"),
     }
 }
 
@@ -1053,7 +1394,13 @@ fn redact_query_password(tail: &str) -> String {
     let query: Vec<String> = query
         .split('&')
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}={REDACTED}"),
+            Some((k, _))
+                if ["password", "sslpassword", "pass", "token", "secret"]
+                    .iter()
+                    .any(|p| k.eq_ignore_ascii_case(p)) =>
+            {
+                format!("{k}={REDACTED}")
+            }
             _ => kv.to_string(),
         })
         .collect();
@@ -1240,6 +1587,84 @@ mod tests {
             }
         }
         assert!(yaml.contains("mysql://root:<redacted>@127.0.0.1:3306/test"));
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_from_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis-password");
+        std::fs::write(&file, "s3cret-from-file\n").unwrap();
+        let c = load_yaml(&format!(
+            "redis:\n  username: task\n  password_file: {}\n",
+            file.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            c.redis.password.as_ref().unwrap().expose(),
+            "s3cret-from-file"
+        );
+        assert!(!c.to_redacted_yaml().contains("s3cret-from-file"));
+
+        let err = load_yaml(&format!(
+            "redis:\n  password: x\n  password_file: {}\n",
+            file.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("redis.password"), "{err}");
+        let err = load_yaml("nats:\n  token_file: /nonexistent/token\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nats.token_file") && err.contains("/nonexistent/token"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn credentials_are_checked_and_named() {
+        for (yaml, key) in [
+            ("nats:\n  token: a\n  nkey: b\n", "nats.nkey"),
+            ("nats:\n  username: u\n", "nats.password"),
+            ("etcd:\n  password: p\n", "etcd.username"),
+            ("redis:\n  username: u\n", "redis.password"),
+            ("redis:\n  addr: redis://u:p@h:6379\n", "redis.addr"),
+            ("redis:\n  addr: http://h:6379\n", "redis.addr"),
+            ("etcd:\n  endpoints: ftp://h:2379\n", "etcd.endpoints"),
+            ("database:\n  password: p\n", "database.password"),
+            (
+                "gateway:\n  tls:\n    cert_file: /nonexistent.pem\n",
+                "gateway.tls.key_file",
+            ),
+            (
+                "nats:\n  tls:\n    server_name: x\n",
+                "nats.tls.server_name",
+            ),
+            ("limits:\n  max_members: 0\n", "limits.max_members"),
+            (
+                "limits:\n  max_content_bytes: 99999999\n",
+                "limits.max_content_bytes",
+            ),
+        ] {
+            let err = load_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+            assert!(!err.contains("u:p@"), "{err}");
+        }
+    }
+
+    #[test]
+    fn urls_are_redacted_in_lists_and_tokens() {
+        let url = SecretUrl::new("nats://tok3n@a:4222,nats://u:pw1@b:4222,tls://c:4222");
+        let shown = url.to_string();
+        assert_eq!(
+            shown,
+            "nats://<redacted>@a:4222,nats://u:<redacted>@b:4222,tls://c:4222"
+        );
+        let url = SecretUrl::new("postgres://u@h/db?sslmode=require&password=pw2");
+        assert_eq!(
+            url.to_string(),
+            "postgres://u@h/db?sslmode=require&password=<redacted>"
+        );
     }
 
     #[test]

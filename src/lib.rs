@@ -19,6 +19,7 @@ pub mod proto;
 pub mod registry;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tools;
 
 use std::future::Future;
@@ -46,6 +47,11 @@ pub enum RunError {
     Database(#[from] store::DatabaseError),
     #[error("NATS core subscription: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    #[error("{dependency} refused this service: {detail}")]
+    Refused {
+        dependency: &'static str,
+        detail: String,
+    },
 }
 
 /// Makes ring (which the NATS client links already) the process's TLS
@@ -106,35 +112,119 @@ pub async fn connect_nats_with(
     if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
         options = options.user_and_password(user.clone(), password.expose().to_string());
     }
-    options.connect(cfg.url.as_str()).await
+    if let Some(token) = &cfg.token {
+        options = options.token(token.expose().to_string());
+    }
+    if let Some(seed) = &cfg.nkey {
+        options = options.nkey(seed.expose().to_string());
+    }
+    if let Some(path) = &cfg.credentials_file {
+        options = options.credentials_file(path).await.map_err(|e| {
+            async_nats::ConnectError::with_source(
+                async_nats::ConnectErrorKind::Authentication,
+                format!("nats.credentials_file {}: {e}", path.display()),
+            )
+        })?;
+    }
+    let tls = &cfg.tls;
+    if tls.enabled
+        || cfg
+            .url
+            .expose()
+            .split(',')
+            .any(|u| u.trim().starts_with("tls://"))
+    {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    options.connect(cfg.url.expose()).await
+}
+
+/// A server that turned away who we are (credentials or certificates)
+/// rather than being unreachable: waiting will not help until the
+/// configuration changes.
+pub trait Refusal {
+    fn refused(&self) -> bool;
+}
+
+/// Whether any error in `e`'s chain says a TLS peer was not trusted or a
+/// credential was rejected.
+pub(crate) fn chain_refuses(e: &(dyn std::error::Error + 'static)) -> bool {
+    const SIGNS: [&str; 12] = [
+        "invalid peer certificate",
+        "UnknownIssuer",
+        "certificate required",
+        "CertificateRequired",
+        "bad certificate",
+        "BadCertificate",
+        "unknown ca",
+        "UnknownCA",
+        "authentication failed",
+        "authorization violation",
+        "WRONGPASS",
+        "NOAUTH",
+    ];
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if SIGNS.iter().any(|s| text.contains(s)) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+impl Refusal for async_nats::ConnectError {
+    fn refused(&self) -> bool {
+        use async_nats::ConnectErrorKind as K;
+        matches!(
+            self.kind(),
+            K::AuthorizationViolation | K::Authentication | K::Tls
+        ) || chain_refuses(self)
+    }
 }
 
 /// Retries `attempt` with backoff until it succeeds or `cancel` fires
 /// (`None`). Each failure is logged with `what`, so a dependency that is
-/// down at start-up is named in the log while the pod waits for it.
+/// down at start-up is named in the log while the pod waits for it. A
+/// server that refuses the credentials or certificates ends the wait with
+/// [`RunError::Refused`]: the pod exits naming the dependency.
 pub async fn until_ready<T, E, F, Fut>(
-    what: &str,
+    what: &'static str,
     cancel: &CancellationToken,
     mut attempt: F,
-) -> Option<T>
+) -> Result<Option<T>, RunError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
-    E: std::fmt::Display,
+    E: std::fmt::Display + Refusal,
 {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let result = tokio::select! {
-            _ = cancel.cancelled() => return None,
+            _ = cancel.cancelled() => return Ok(None),
             r = attempt() => r,
         };
         match result {
-            Ok(v) => return Some(v),
+            Ok(v) => return Ok(Some(v)),
+            Err(e) if e.refused() => {
+                tracing::error!(dependency = what, error = %e, "dependency refused the configured credentials or certificates");
+                return Err(RunError::Refused {
+                    dependency: what,
+                    detail: e.to_string(),
+                });
+            }
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(dependency = what, error = %e, retry_in = ?delay, "dependency not ready");
                 tokio::select! {
-                    _ = cancel.cancelled() => return None,
+                    _ = cancel.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -295,7 +385,7 @@ async fn serve(
     let Some((pool, dialect)) = until_ready("database", cancel, || {
         store::connect_database(&config.database)
     })
-    .await
+    .await?
     else {
         return Ok(None);
     };
@@ -307,11 +397,13 @@ async fn serve(
         readiness.clone(),
         cancel.clone(),
     ));
-    let members = MemberStore::new(pool, dialect).with_cache(
-        config.dispatch.member_cache_ttl,
-        config.dispatch.member_cache_capacity,
-    );
-    let Some(redis) = until_ready("redis", cancel, || RedisClient::connect(&config.redis)).await
+    let members = MemberStore::new(pool, dialect)
+        .with_cache(
+            config.dispatch.member_cache_ttl,
+            config.dispatch.member_cache_capacity,
+        )
+        .with_max_members(config.limits.max_members);
+    let Some(redis) = until_ready("redis", cancel, || RedisClient::connect(&config.redis)).await?
     else {
         return Ok(None);
     };
@@ -336,6 +428,14 @@ async fn serve(
         config.dispatch.route_concurrency,
     );
     let cached_members = members.clone();
+    // Connecting once first makes refused credentials a start-up error; the
+    // registry's own watcher then reconnects on its own.
+    if until_ready("etcd", cancel, || registry::connect_checked(&config.etcd))
+        .await?
+        .is_none()
+    {
+        return Ok(None);
+    }
     let registry = GatewayRegistry::spawn(config, tracker, cancel.clone());
     tokio::select! {
         _ = cancel.cancelled() => return Ok(None),
@@ -345,7 +445,7 @@ async fn serve(
     let Some(nats) = until_ready("nats", cancel, || {
         connect_nats_with(&config.nats, &config.service.name, Some(readiness.clone()))
     })
-    .await
+    .await?
     else {
         return Ok(None);
     };
@@ -354,7 +454,7 @@ async fn serve(
         let ensured = until_ready("offline notice stream", cancel, || {
             dispatch::offline::ensure_notice_stream(&js, &config.offline)
         })
-        .await;
+        .await?;
         if ensured.is_none() {
             return Ok(None);
         }
@@ -375,7 +475,8 @@ async fn serve(
         offline_store,
         notices,
         config.offline.clone(),
-    ));
+    ))
+    .with_limits(config.limits.clone());
     let tally = Tally::default();
     tracker.spawn(tally.clone().report_until(cancel.clone()));
     let retry = RetryPolicy {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use resonance_task::config::{Config, LogConfig};
-use resonance_task::gateway::reference::{ReferenceGateway, ReferenceGatewayOptions};
+use resonance_task::gateway::reference::{ReferenceGateway, ReferenceGatewayOptions, ServerTls};
 use resonance_task::store::{
     MemberStore, OfflineStore, RedisClient, RouteStore, connect_database, migrate,
 };
@@ -272,6 +272,16 @@ struct GatewayArgs {
     /// Write {"grpc": ADDR, "http": ADDR} here once registered
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Serve gRPC over TLS with this certificate chain (PEM) and advertise
+    /// grpcs://
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS)
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -572,7 +582,23 @@ async fn member_store(config: &Config) -> Result<MemberStore> {
     Ok(MemberStore::new(pool, dialect))
 }
 
+/// The reference gateway's TLS from its PEM files, if asked for.
+fn gateway_tls(args: &GatewayArgs) -> Result<Option<ServerTls>> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => (read(c)?, read(k)?),
+        (None, None) if args.client_ca.is_none() => return Ok(None),
+        _ => anyhow::bail!("--tls-cert and --tls-key go together (and --client-ca needs them)"),
+    };
+    Ok(Some(ServerTls {
+        cert,
+        key: zeroize::Zeroizing::new(key),
+        client_ca: args.client_ca.as_ref().map(read).transpose()?,
+    }))
+}
+
 async fn run_gateway(args: GatewayArgs, config: Config) -> Result<()> {
+    let tls = gateway_tls(&args)?;
     let mut users: Vec<String> = args
         .users
         .map(|r| r.map(|i| user_name(&args.user_prefix, i)).collect())
@@ -597,6 +623,7 @@ async fn run_gateway(args: GatewayArgs, config: Config) -> Result<()> {
         journal: args.journal,
         batch: !args.no_batch,
         track_deliveries: true,
+        tls,
     })
     .await?;
     if let Some(path) = args.ready_file {

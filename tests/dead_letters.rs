@@ -112,3 +112,96 @@ async fn poison_and_exhausted_events_are_dead_lettered_listed_and_replayed() {
     pod.stop().await;
     g1.stop().await;
 }
+
+/// Each input limit refuses the event on its first delivery, names itself
+/// in the dead letter, and leaves events within the limits alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_over_input_limits_are_dead_lettered_with_the_limit() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b", "c", "d"]).await;
+    stack.session(&store, "small", &["a", "b"]).await;
+    stack.session(&store, "crowd", &["a", "b", "c", "d"]).await;
+    let mut config = stack.config();
+    config.limits.max_payload_bytes = 4096;
+    config.limits.max_content_bytes = 1024;
+    config.limits.max_members = 3;
+    config.limits.max_username_bytes = 16;
+    config.limits.max_session_id_bytes = 16;
+    let (nats, pod) = stack.pod(&config).await;
+    let topic = &config.consumer.topic;
+
+    let mut big_content = event(1, "small", "a");
+    big_content.content = "x".repeat(2000);
+    let mut huge = event(2, "small", "a");
+    huge.content = "y".repeat(1000);
+    huge.trace_headers = (0..100)
+        .map(|i| (format!("k{i}"), "v".repeat(40)))
+        .collect();
+    let long_session = event(3, &"s".repeat(17), "a");
+    let long_user = event(4, "small", &"u".repeat(17));
+    let bad_chars = event(5, "small", "a\u{7}b");
+    let spaced = event(6, "sm all", "a");
+    let crowd = event(7, "crowd", "a");
+    let fine = event(8, "small", "a");
+    for e in [
+        &big_content,
+        &huge,
+        &long_session,
+        &long_user,
+        &bad_chars,
+        &spaced,
+        &crowd,
+        &fine,
+    ] {
+        publish(&nats, topic, e).await;
+    }
+    wait_settled(&nats, &config).await;
+
+    let js = jetstream::new(nats.clone());
+    let letters = dlq::list(&js, &config.consumer).await.unwrap();
+    let reason = |msg_id: i64| -> String {
+        letters
+            .iter()
+            .find(|l| l.msg_id == Some(msg_id))
+            .map(|l| {
+                assert_eq!(l.deliveries, 1, "msg {msg_id} is not retried");
+                l.reason.clone()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        reason(1).contains("limits.max_content_bytes"),
+        "{letters:?}"
+    );
+    // Too large to decode at all: the dead letter has no msg_id, only the
+    // limit.
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.reason.contains("limits.max_payload_bytes")),
+        "{letters:?}"
+    );
+    assert!(
+        reason(3).contains("limits.max_session_id_bytes"),
+        "{letters:?}"
+    );
+    assert!(
+        reason(4).contains("limits.max_username_bytes"),
+        "{letters:?}"
+    );
+    assert!(reason(5).contains("limits.id_charset"), "{letters:?}");
+    assert!(reason(6).contains("limits.id_charset"), "{letters:?}");
+    assert!(reason(7).contains("limits.max_members"), "{letters:?}");
+    assert_eq!(letters.len(), 7, "{letters:?}");
+    assert_eq!(
+        g1.ledger.count("b", 8),
+        1,
+        "an event within the limits is delivered"
+    );
+    for id in 1..=7 {
+        assert_eq!(g1.ledger.count("b", id), 0, "msg {id} pushed to nobody");
+    }
+    pod.stop().await;
+    g1.stop().await;
+}

@@ -130,7 +130,7 @@ async fn readiness_follows_nats() {
         .await
         .unwrap();
     let mut config = stack.config();
-    config.nats.url = format!("nats://{}", proxy.addr);
+    config.nats.url = resonance_task::config::SecretUrl::new(format!("nats://{}", proxy.addr));
     let port = free_port();
     config.admin.listen = ([127, 0, 0, 1], port).into();
     let pod = Pod::start(config.clone());

@@ -247,6 +247,14 @@ impl EventHandler {
         abort: &CancellationToken,
         turn: Turn,
     ) -> Decision {
+        if let Err(e) = crate::dispatch::check_payload(payload.len(), self.dispatcher.limits()) {
+            let reason = e.to_string();
+            tracing::warn!(%reason, delivery = attempt.delivery, "event rejected");
+            return Decision::DeadLetter {
+                last_error: reason.clone(),
+                reason,
+            };
+        }
         let mut event = match PushEvent::decode(payload) {
             Ok(e) => e,
             Err(e) => {

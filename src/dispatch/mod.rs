@@ -3,6 +3,7 @@
 //! result is a [`FanoutReport`] saying what happened to every recipient;
 //! the consumer turns it into an ack, a retry or a dead letter.
 
+pub mod exercise;
 pub mod offline;
 pub mod order;
 pub mod plan;
@@ -17,7 +18,7 @@ use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use tracing::Instrument;
 
-use crate::config::DispatchConfig;
+use crate::config::{DispatchConfig, LimitsConfig};
 use crate::gateway::{Answer, FailureKind, GatewayPool, PushFailure, PushOutcome, PushReply};
 use crate::proto::{PushEvent, PushMessage};
 use crate::registry::GatewayRegistry;
@@ -32,6 +33,9 @@ pub enum DispatchError {
     /// The event can never succeed (dead-letter it).
     #[error("invalid event: {0}")]
     Invalid(String),
+    /// The event breaks a configured input limit (dead-letter it).
+    #[error("event over limit `limits.{limit}`: {detail}")]
+    Limit { limit: &'static str, detail: String },
     #[error(transparent)]
     Members(#[from] MemberError),
     #[error("looking up routes: {0}")]
@@ -43,7 +47,7 @@ pub enum DispatchError {
 impl DispatchError {
     /// Worth retrying: a dependency failed, not the event.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Invalid(_))
+        !matches!(self, Self::Invalid(_) | Self::Limit { .. })
     }
 }
 
@@ -91,11 +95,83 @@ impl FanoutReport {
     }
 }
 
-/// Checks what dispatch relies on; anything else about the event is passed
-/// through to the gateway as is.
-pub fn validate(event: &PushEvent) -> Result<(), DispatchError> {
+/// An event over `limit`, counted.
+fn over(limit: &'static str, detail: String) -> DispatchError {
+    metrics::counter!(telemetry::metrics::LIMIT_VIOLATIONS, "limit" => limit).increment(1);
+    DispatchError::Limit { limit, detail }
+}
+
+/// An encoded event of `len` bytes within `limits.max_payload_bytes`.
+pub fn check_payload(len: usize, limits: &LimitsConfig) -> Result<(), DispatchError> {
+    if len > limits.max_payload_bytes {
+        return Err(over(
+            "max_payload_bytes",
+            format!("{len} bytes, at most {}", limits.max_payload_bytes),
+        ));
+    }
+    Ok(())
+}
+
+/// A username or session id: length in bytes, then characters.
+fn check_id(
+    field: &str,
+    value: &str,
+    max_key: &'static str,
+    max: usize,
+    limits: &LimitsConfig,
+) -> Result<(), DispatchError> {
+    if value.len() > max {
+        return Err(over(
+            max_key,
+            format!("{field} has {} bytes, at most {max}", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| !limits.id_charset.allows(*c)) {
+        return Err(over(
+            "id_charset",
+            format!(
+                "{field} holds {c:?}, not allowed by {:?}",
+                limits.id_charset
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what dispatch relies on and the input limits; anything else
+/// about the event is passed through to the gateway as is.
+pub fn validate(event: &PushEvent, limits: &LimitsConfig) -> Result<(), DispatchError> {
     if event.session_id.trim().is_empty() {
         return Err(DispatchError::Invalid("session_id is empty".into()));
+    }
+    check_id(
+        "session_id",
+        &event.session_id,
+        "max_session_id_bytes",
+        limits.max_session_id_bytes,
+        limits,
+    )?;
+    for (field, value) in [
+        ("from_username", &event.from_username),
+        ("to_username", &event.to_username),
+    ] {
+        check_id(
+            field,
+            value,
+            "max_username_bytes",
+            limits.max_username_bytes,
+            limits,
+        )?;
+    }
+    if event.content.len() > limits.max_content_bytes {
+        return Err(over(
+            "max_content_bytes",
+            format!(
+                "content has {} bytes, at most {}",
+                event.content.len(),
+                limits.max_content_bytes
+            ),
+        ));
     }
     if event.msg_id <= 0 {
         return Err(DispatchError::Invalid(format!(
@@ -130,6 +206,7 @@ pub struct Dispatcher {
     progress: Option<ProgressStore>,
     offline: Option<OfflineDelivery>,
     cfg: DispatchConfig,
+    limits: LimitsConfig,
 }
 
 impl Dispatcher {
@@ -150,7 +227,18 @@ impl Dispatcher {
             progress,
             offline: None,
             cfg,
+            limits: LimitsConfig::default(),
         }
+    }
+
+    /// Refuses events beyond `limits` (default: [`LimitsConfig::default`]).
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
     }
 
     /// Parks messages and publishes notices for offline recipients.
@@ -214,12 +302,21 @@ impl Dispatcher {
         token: &str,
         turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
-        validate(event)?;
+        validate(event, &self.limits)?;
         let (members, progress) = tokio::join!(
             self.members.shared(&event.session_id),
             self.claim(event.msg_id, token)
         );
         let (members, progress) = (members?, progress?);
+        if members.len() > self.limits.max_members {
+            return Err(over(
+                "max_members",
+                format!(
+                    "session {} has more than {} members",
+                    event.session_id, self.limits.max_members
+                ),
+            ));
+        }
         tracing::Span::current().record("members", members.len());
         if progress.settled || progress.busy {
             return Ok(FanoutReport {

@@ -66,7 +66,7 @@ pub struct OfflineDelivery {
 pub async fn ensure_notice_stream(
     js: &jetstream::Context,
     cfg: &OfflineConfig,
-) -> Result<(), String> {
+) -> Result<(), NoticeStreamError> {
     js.get_or_create_stream(jetstream::stream::Config {
         name: cfg.notice_stream.clone(),
         subjects: vec![cfg.notice_topic.clone()],
@@ -77,7 +77,23 @@ pub async fn ensure_notice_stream(
     })
     .await
     .map(|_| ())
-    .map_err(|e| format!("offline notice stream {}: {e}", cfg.notice_stream))
+    .map_err(|cause| NoticeStreamError {
+        stream: cfg.notice_stream.clone(),
+        cause,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("offline notice stream {stream}: {cause}")]
+pub struct NoticeStreamError {
+    stream: String,
+    cause: jetstream::context::CreateStreamError,
+}
+
+impl crate::Refusal for NoticeStreamError {
+    fn refused(&self) -> bool {
+        crate::chain_refuses(self)
+    }
 }
 
 /// The notice for `recipients` of `event`.

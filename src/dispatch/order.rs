@@ -114,17 +114,23 @@ impl Drop for Turn {
 
 /// The `session_id` (field 3) of an encoded `PushEvent`, read without
 /// decoding the rest, so intake can take turns in arrival order cheaply.
+/// Like a full decode, the last occurrence of the field wins; `None` when
+/// the payload is malformed or has no session id.
 pub fn session_id_of(mut buf: &[u8]) -> Option<&str> {
     use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let mut found = None;
     while !buf.is_empty() {
         let (tag, wire_type) = decode_key(&mut buf).ok()?;
         if tag == 3 && wire_type == WireType::LengthDelimited {
             let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
-            return std::str::from_utf8(buf.get(..len)?).ok();
+            let value = buf.get(..len)?;
+            found = Some(std::str::from_utf8(value).ok()?);
+            buf = &buf[len..];
+            continue;
         }
         skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?;
     }
-    None
+    found
 }
 
 #[cfg(test)]

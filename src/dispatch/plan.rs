@@ -125,7 +125,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     pub(crate) fn map_of(ids: &[&str]) -> GatewayMap {
-        GatewayMap::for_tests(ids.iter().map(|id| GatewayEndpoint {
+        GatewayMap::of_endpoints(ids.iter().map(|id| GatewayEndpoint {
             gateway_id: id.to_string(),
             instance_id: format!("i-{id}"),
             uri: format!("http://{id}:1"),

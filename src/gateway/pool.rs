@@ -17,6 +17,7 @@ use crate::config::{GatewayPoolConfig, PushProtocolChoice};
 use crate::proto::PushMessage;
 use crate::registry::{GatewayEndpoint, PushProtocol};
 use crate::telemetry;
+use crate::tls::TlsFiles;
 
 /// Pushes queued per stream before callers wait (backpressure).
 const COMMAND_QUEUE: usize = 64;
@@ -29,6 +30,8 @@ struct Entry {
 
 struct Inner {
     cfg: GatewayPoolConfig,
+    /// `gateway.tls`, read again when its files change.
+    tls: Arc<TlsFiles>,
     tracker: TaskTracker,
     streams: Mutex<HashMap<String, Entry>>,
     generations: AtomicU64,
@@ -56,6 +59,7 @@ impl GatewayPool {
     pub fn new(cfg: GatewayPoolConfig, tracker: TaskTracker) -> Self {
         Self {
             inner: Arc::new(Inner {
+                tls: Arc::new(TlsFiles::new("gateway.tls", &cfg.tls)),
                 cfg,
                 tracker,
                 streams: Mutex::new(HashMap::new()),
@@ -147,17 +151,18 @@ impl GatewayPool {
             }
         });
         let cfg = self.inner.cfg.clone();
+        let tls = self.inner.tls.clone();
         let batch = self.uses_batch(endpoint);
         let target = endpoint.clone();
         self.inner.tracker.spawn(async move {
             let open = metrics::gauge!(telemetry::metrics::GATEWAY_STREAMS);
             open.increment(1.0);
             if batch {
-                GatewayStream::<Batch>::new(target, cfg, rx, on_idle)
+                GatewayStream::<Batch>::new(target, cfg, tls, rx, on_idle)
                     .run()
                     .await;
             } else {
-                GatewayStream::<PerUser>::new(target, cfg, rx, on_idle)
+                GatewayStream::<PerUser>::new(target, cfg, tls, rx, on_idle)
                     .run()
                     .await;
             }

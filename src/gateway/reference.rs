@@ -62,6 +62,25 @@ pub enum ReferenceGatewayError {
     Registration(#[from] RegistrationError),
     #[error("writing routes: {0}")]
     Routes(#[from] RedisError),
+    #[error("gRPC TLS: {0}")]
+    Tls(#[from] tonic::transport::Error),
+}
+
+/// TLS the reference gateway serves with (PEM). With `client_ca`, callers
+/// must present a certificate that CA signed (mutual TLS).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert: Vec<u8>,
+    pub key: zeroize::Zeroizing<Vec<u8>>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("client_ca", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +118,8 @@ pub struct ReferenceGatewayOptions {
     /// checks; off (benchmarks), only totals and latency are kept, so
     /// memory stays flat however many pushes arrive.
     pub track_deliveries: bool,
+    /// Serve gRPC over TLS and advertise `grpcs://`.
+    pub tls: Option<ServerTls>,
 }
 
 /// Deliveries of one message at one gateway.
@@ -568,8 +589,18 @@ impl ReferenceGateway {
             .then(|| BatchPushServiceServer::new(service.clone()));
         let per_user = PushServiceServer::new(service);
         let shutdown = serving.clone();
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &opts.tls {
+            let mut config = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&tls.cert, tls.key.as_slice()),
+            );
+            if let Some(ca) = &tls.client_ca {
+                config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+            }
+            server = server.tls_config(config)?;
+        }
         tracker.spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let served = server
                 .add_service(per_user)
                 .add_optional_service(batch)
                 .serve_with_incoming_shutdown(
@@ -621,7 +652,8 @@ impl ReferenceGateway {
                     .map(|(k, v)| (k.to_string(), v.into())),
             ),
             endpoints: vec![format!(
-                "grpc://{}:{}",
+                "{}://{}:{}",
+                if opts.tls.is_some() { "grpcs" } else { "grpc" },
                 opts.advertise_host,
                 opts.advertise_port.unwrap_or(grpc_addr.port())
             )],

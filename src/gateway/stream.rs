@@ -34,6 +34,7 @@ use crate::proto::{
     PushBatchRequest, PushBatchResponse, PushMessage, PushMessageRequest, PushMessageResponse,
 };
 use crate::registry::GatewayEndpoint;
+use crate::tls::TlsFiles;
 
 /// Largest response frame accepted from a gateway.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
@@ -164,6 +165,7 @@ pub(crate) struct GatewayStream<W> {
     wire: std::marker::PhantomData<W>,
     endpoint: GatewayEndpoint,
     cfg: GatewayPoolConfig,
+    tls: Arc<TlsFiles>,
     commands: mpsc::Receiver<PushCommand>,
     /// Called once when the stream goes idle, so the pool stops handing out
     /// this stream before it closes.
@@ -174,6 +176,7 @@ impl<W: Wire> GatewayStream<W> {
     pub(crate) fn new(
         endpoint: GatewayEndpoint,
         cfg: GatewayPoolConfig,
+        tls: Arc<TlsFiles>,
         commands: mpsc::Receiver<PushCommand>,
         on_idle: Box<dyn FnOnce() + Send + Sync>,
     ) -> Self {
@@ -181,6 +184,7 @@ impl<W: Wire> GatewayStream<W> {
             wire: std::marker::PhantomData,
             endpoint,
             cfg,
+            tls,
             commands,
             on_idle: Some(on_idle),
         }
@@ -254,17 +258,42 @@ impl<W: Wire> GatewayStream<W> {
         }
     }
 
+    /// Opens a channel: TLS for an `https://` endpoint (`grpcs://` in
+    /// etcd) or for every gateway when `gateway.tls.enabled`, with the TLS
+    /// files as they are now.
     async fn connect(&self) -> Result<Channel, PushFailure> {
-        let endpoint = Endpoint::from_shared(self.endpoint.uri.clone())
-            .map_err(|e| self.failure(FailureKind::Connect, e))?
+        let uri = &self.endpoint.uri;
+        let tls = self.cfg.tls.enabled || uri.starts_with("https://");
+        let uri = match uri.strip_prefix("http://") {
+            Some(rest) if tls => format!("https://{rest}"),
+            _ => uri.clone(),
+        };
+        let mut endpoint =
+            Endpoint::from_shared(uri).map_err(|e| self.failure(FailureKind::Connect, e))?;
+        if tls {
+            let material = self
+                .tls
+                .current()
+                .map_err(|e| self.failure(FailureKind::Connect, e))?;
+            endpoint = endpoint
+                .tls_config(material.client_config())
+                .map_err(|e| self.failure(FailureKind::Connect, e))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(self.cfg.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         endpoint.connect().await.map_err(|e| {
-            let detail = std::error::Error::source(&e)
-                .map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+            // The cause is deep down (a refused connection, an untrusted
+            // certificate): show the whole chain.
+            let mut detail = e.to_string();
+            let mut next = std::error::Error::source(&e);
+            while let Some(cause) = next {
+                detail = format!("{detail}: {cause}");
+                next = cause.source();
+            }
             self.failure(
                 FailureKind::Connect,
                 format!("{}: {detail}", self.endpoint.uri),

@@ -351,7 +351,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let js = async_nats::jetstream::new(nats.clone());
     crate::dispatch::offline::ensure_notice_stream(&js, &config.offline)
         .await
-        .map_err(NotifyError::Nats)?;
+        .map_err(|e| NotifyError::Nats(e.to_string()))?;
     let handler = Arc::new(NoticeHandler::new(
         providers,
         redis,

@@ -54,9 +54,53 @@ pub async fn connect(cfg: &EtcdConfig) -> Result<Client, etcd_client::Error> {
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
         .with_keep_alive_while_idle(true);
     if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
-        options = options.with_user(user.clone(), password.expose().to_string());
+        options = options
+            .with_user(user.clone(), password.expose().to_string())
+            .with_auto_token_refresh(true);
     }
-    Client::connect(&cfg.endpoints, Some(options)).await
+    let tls = cfg.tls.enabled || cfg.endpoints.iter().any(|e| e.starts_with("https://"));
+    if !tls {
+        return Client::connect(&cfg.endpoints, Some(options)).await;
+    }
+    // Read on every connect, so rotated files are used by the next one.
+    let material = crate::tls::TlsMaterial::read("etcd.tls", &cfg.tls)
+        .map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
+    options = options.with_tls(material.client_config());
+    // With TLS every endpoint is https, whatever it says.
+    let endpoints: Vec<String> = cfg
+        .endpoints
+        .iter()
+        .map(|e| {
+            let host = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .unwrap_or(e);
+            format!("https://{host}")
+        })
+        .collect();
+    Client::connect(&endpoints, Some(options)).await
+}
+
+/// [`connect`] plus one request, so refused credentials or certificates
+/// show now rather than in the first watch.
+pub async fn connect_checked(cfg: &EtcdConfig) -> Result<(), etcd_client::Error> {
+    let mut client = connect(cfg).await?;
+    client.status().await?;
+    Ok(())
+}
+
+impl crate::Refusal for etcd_client::Error {
+    fn refused(&self) -> bool {
+        if let etcd_client::Error::GRpcStatus(status) = self
+            && matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            )
+        {
+            return true;
+        }
+        crate::chain_refuses(self)
+    }
 }
 
 /// One registered instance with the etcd revision that last wrote it.
@@ -96,8 +140,9 @@ impl GatewayMap {
         self.by_gateway.values()
     }
 
-    #[cfg(test)]
-    pub(crate) fn for_tests(endpoints: impl IntoIterator<Item = GatewayEndpoint>) -> Self {
+    /// A synced map of exactly these gateways (no etcd behind it), for
+    /// planning without I/O: property tests and the fuzz target.
+    pub fn of_endpoints(endpoints: impl IntoIterator<Item = GatewayEndpoint>) -> Self {
         GatewayMap {
             by_gateway: endpoints
                 .into_iter()

@@ -20,6 +20,8 @@ static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
 pub enum DatabaseError {
     #[error("database {url}: unsupported URL scheme")]
     Scheme { url: String },
+    #[error("database {url}: database.password cannot be set on this URL")]
+    Password { url: String },
     #[error("database {url}: {cause}")]
     Connect { url: String, cause: sqlx::Error },
     #[error("migrating database {url}: {cause}")]
@@ -93,11 +95,24 @@ impl Dialect {
 
 /// Opens the pool. SQLite gets WAL and a busy timeout so concurrent pods and
 /// tools can share one file.
+/// The URL to connect with: `database.password`, when set, replaces the
+/// URL's own. `None` when the URL cannot hold a password.
+fn with_password(cfg: &DatabaseConfig) -> Option<zeroize::Zeroizing<String>> {
+    let url = cfg.url.expose();
+    let Some(password) = &cfg.password else {
+        return Some(zeroize::Zeroizing::new(url.to_string()));
+    };
+    let mut parsed = url::Url::parse(url).ok()?;
+    parsed.set_password(Some(password.expose())).ok()?;
+    Some(zeroize::Zeroizing::new(parsed.into()))
+}
+
 pub async fn connect_database(cfg: &DatabaseConfig) -> Result<(AnyPool, Dialect), DatabaseError> {
     static DRIVERS: Once = Once::new();
     DRIVERS.call_once(sqlx::any::install_default_drivers);
-    let url = cfg.url.expose();
     let shown = cfg.url.to_string();
+    let url = with_password(cfg).ok_or_else(|| DatabaseError::Password { url: shown.clone() })?;
+    let url = url.as_str();
     let dialect =
         Dialect::of_url(url).ok_or_else(|| DatabaseError::Scheme { url: shown.clone() })?;
     let options = AnyConnectOptions::from_str(url).map_err(|cause| DatabaseError::Connect {
@@ -144,6 +159,23 @@ pub async fn migrate(
         })?;
     tracing::info!(database = %cfg.url, elapsed = ?started.elapsed(), "migrations applied");
     Ok(())
+}
+
+impl crate::Refusal for DatabaseError {
+    fn refused(&self) -> bool {
+        match self {
+            Self::Connect { cause, .. } => {
+                // Access denied: PostgreSQL 28000/28P01, MySQL 1045.
+                let denied = cause
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|c| ["28000", "28P01", "1045"].contains(&c.as_ref()));
+                denied || matches!(cause, sqlx::Error::Tls(_)) || crate::chain_refuses(cause)
+            }
+            Self::Password { .. } => true,
+            Self::Scheme { .. } | Self::Migrate { .. } => false,
+        }
+    }
 }
 
 #[cfg(test)]

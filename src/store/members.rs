@@ -44,6 +44,9 @@ pub struct MemberStore {
     dialect: Dialect,
     select_members: SqlStr,
     cache: Option<MemberCache>,
+    /// Rows read per session at most: one more than `limits.max_members`,
+    /// so a group over the limit is seen without being read whole.
+    max_rows: usize,
 }
 
 /// Session members kept in-process for a short TTL, bounded by the number
@@ -105,6 +108,7 @@ impl MemberStore {
             dialect,
             select_members,
             cache: None,
+            max_rows: usize::MAX,
         }
     }
 
@@ -127,6 +131,12 @@ impl MemberStore {
             hits: Arc::default(),
             misses: Arc::default(),
         });
+        self
+    }
+
+    /// Reads at most `max_members + 1` members of a session.
+    pub fn with_max_members(mut self, max_members: usize) -> Self {
+        self.max_rows = max_members.saturating_add(1);
         self
     }
 
@@ -183,6 +193,9 @@ impl MemberStore {
         let mut members = Vec::new();
         while let Some(row) = rows.try_next().await.map_err(err)? {
             members.push(row.try_get::<String, _>(0).map_err(err)?);
+            if members.len() >= self.max_rows {
+                break;
+            }
         }
         Ok(unique(members))
     }

@@ -21,6 +21,24 @@ pub enum RedisError {
         addr: String,
         cause: redis::RedisError,
     },
+    #[error("redis TLS: {0}")]
+    Tls(String),
+}
+
+impl crate::Refusal for RedisError {
+    fn refused(&self) -> bool {
+        match self {
+            Self::Redis { cause, .. } => {
+                cause.kind() == redis::ErrorKind::AuthenticationFailed
+                    || cause
+                        .code()
+                        .is_some_and(|c| ["WRONGPASS", "NOAUTH", "NOPERM"].contains(&c))
+                    || crate::chain_refuses(cause)
+            }
+            Self::Tls(_) => true,
+            Self::Address { .. } => false,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -41,10 +59,45 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Single-key pipelines in flight at once on a cluster (see `per_key`).
 const CLUSTER_GROUPS_IN_FLIGHT: usize = 64;
 
+/// The address of `addr` (`host:port`, `redis://host:port` or
+/// `rediss://host:port`), with TLS when it says `rediss://` or `tls`.
+fn connection_addr(addr: &str, tls: bool) -> Result<ConnectionAddr, RedisError> {
+    let tls = tls || addr.trim().starts_with("rediss://");
+    let (host, port) = host_port(addr)?;
+    Ok(if tls {
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host, port)
+    })
+}
+
+/// The CA bundle and client identity of `redis.tls`, for the client.
+fn certificates(cfg: &RedisConfig) -> Result<redis::TlsCertificates, RedisError> {
+    crate::install_tls_provider();
+    let material = crate::tls::TlsMaterial::read("redis.tls", &cfg.tls)
+        .map_err(|e| RedisError::Tls(e.to_string()))?;
+    Ok(redis::TlsCertificates {
+        client_tls: match (&material.cert, &material.key) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: cert.to_vec(),
+                client_key: key.to_vec(),
+            }),
+            _ => None,
+        },
+        root_cert: material.ca.as_deref().map(<[u8]>::to_vec),
+    })
+}
+
 fn host_port(addr: &str) -> Result<(String, u16), RedisError> {
     let addr = addr
         .trim()
         .trim_start_matches("redis://")
+        .trim_start_matches("rediss://")
         .trim_end_matches('/');
     let bad = || RedisError::Address {
         addr: addr.to_string(),
@@ -73,10 +126,9 @@ impl RedisClient {
             addr: addr.clone(),
             cause,
         };
-        let (host, port) = host_port(&cfg.addr)?;
-        let info = ConnectionAddr::Tcp(host, port)
-            .into_connection_info()
-            .map_err(err)?;
+        let addr_info = connection_addr(&cfg.addr, cfg.tls.enabled)?;
+        let tls = matches!(addr_info, ConnectionAddr::TcpTls { .. });
+        let info = addr_info.into_connection_info().map_err(err)?;
         let mut settings = info.redis_settings().clone().set_db(cfg.db);
         if let Some(user) = &cfg.username {
             settings = settings.set_username(user);
@@ -85,7 +137,11 @@ impl RedisClient {
             settings = settings.set_password(password.expose());
         }
         let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(err)?;
+        let client = if tls {
+            redis::Client::build_with_tls(info, certificates(cfg)?).map_err(err)?
+        } else {
+            redis::Client::open(info).map_err(err)?
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -107,17 +163,20 @@ impl RedisClient {
             cause,
         };
         let mut nodes = Vec::new();
+        let mut tls = false;
         for a in &cfg.cluster_addrs {
-            let (host, port) = host_port(a)?;
-            nodes.push(
-                ConnectionAddr::Tcp(host, port)
-                    .into_connection_info()
-                    .map_err(err)?,
-            );
+            let addr = connection_addr(a, cfg.tls.enabled)?;
+            tls |= matches!(addr, ConnectionAddr::TcpTls { .. });
+            nodes.push(addr.into_connection_info().map_err(err)?);
         }
         let mut builder = ClusterClientBuilder::new(nodes)
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT);
+        if tls {
+            builder = builder
+                .tls(redis::TlsMode::Secure)
+                .certs(certificates(cfg)?);
+        }
         if let Some(user) = &cfg.username {
             builder = builder.username(user);
         }

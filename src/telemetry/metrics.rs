@@ -48,6 +48,10 @@ pub const LANE_QUEUED: &str = "resonance_task_lane_queued";
 pub const NOTIFY: &str = "resonance_task_notify_total";
 /// Reconnects by dependency (nats, etcd, gateway).
 pub const RECONNECTS: &str = "resonance_task_reconnects_total";
+/// TLS files read again after a change, by section (gateway.tls, ...).
+pub const TLS_RELOADS: &str = "resonance_task_tls_reloads_total";
+/// Events dead-lettered for breaking an input limit, by limit.
+pub const LIMIT_VIOLATIONS: &str = "resonance_task_limit_violations_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -110,6 +114,11 @@ pub fn describe() {
     describe_counter!(LANE_EVENTS, "Events taken from NATS by priority lane");
     describe_gauge!(LANE_QUEUED, "Events waiting for a worker by priority lane");
     describe_counter!(NOTIFY, "Mobile-push recipients by provider and outcome");
+    describe_counter!(TLS_RELOADS, "TLS files read again after a change");
+    describe_counter!(
+        LIMIT_VIOLATIONS,
+        "Events refused for breaking an input limit"
+    );
 }
 
 /// Seconds since a unix-millisecond timestamp (0 for one in the future).

@@ -187,7 +187,7 @@ async fn admin(url: &str, sql: &str) -> Result<(), ChaosError> {
 pub(crate) fn env_for(config: &Config) -> Vec<(String, String)> {
     let c = config;
     [
-        ("NATS__URL", c.nats.url.clone()),
+        ("NATS__URL", c.nats.url.expose().to_string()),
         ("ETCD__ENDPOINTS", c.etcd.endpoints.join(",")),
         ("REDIS__ADDR", c.redis.addr.clone()),
         ("DATABASE__URL", c.database.url.expose().to_string()),
@@ -361,7 +361,7 @@ async fn run_with(
     started: tokio::time::Instant,
 ) -> Result<ChaosReport, ChaosError> {
     let mut config = Config::default();
-    config.nats.url = format!("nats://127.0.0.1:{}", nats.port);
+    config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
     config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
     config.redis.addr = format!("127.0.0.1:{}", redis.port);
     config.database.url = SecretUrl::new(database.url(Some(sql_proxy.addr.port())));

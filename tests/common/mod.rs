@@ -164,7 +164,7 @@ impl Stack {
     /// failures show quickly.
     pub fn config(&self) -> Config {
         let mut c = Config::default();
-        c.nats.url = self.nats_url();
+        c.nats.url = SecretUrl::new(self.nats_url());
         c.etcd.endpoints = vec![format!("http://127.0.0.1:{}", self.etcd.port)];
         c.redis.addr = format!("127.0.0.1:{}", self.redis.port);
         c.database.url = SecretUrl::new(self.db.url.clone());
@@ -214,6 +214,7 @@ impl Stack {
             journal: None,
             batch: true,
             track_deliveries: true,
+            tls: None,
         }
     }
 
@@ -399,6 +400,12 @@ pub struct PodProcess {
 
 impl PodProcess {
     pub fn spawn(config: &Config) -> Self {
+        Self::spawn_with_env(config, &[])
+    }
+
+    /// [`PodProcess::spawn`] with extra environment variables (secrets the
+    /// written configuration cannot carry: it is printed redacted).
+    pub fn spawn_with_env(config: &Config, env: &[(&str, String)]) -> Self {
         use std::io::Write;
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(serde_yaml::to_string(config).unwrap().as_bytes())
@@ -410,6 +417,7 @@ impl PodProcess {
             .arg(file.path())
             .arg("run")
             .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -426,8 +434,18 @@ impl PodProcess {
         resonance_task::tools::stack::signal(self.child.id(), signal).expect("signal the pod");
     }
 
+    /// Waits for the process to exit; its status and everything it logged.
+    pub async fn wait_with_log(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.wait_in_place().await;
+        (status, self.log_text())
+    }
+
     /// Waits for the process to exit and returns its status.
     pub async fn wait(mut self) -> std::process::ExitStatus {
+        self.wait_in_place().await
+    }
+
+    async fn wait_in_place(&mut self) -> std::process::ExitStatus {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {

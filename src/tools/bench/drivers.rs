@@ -87,7 +87,9 @@ impl Driver {
 
     /// A `serial`, `stream` or `batch` consumer with this configuration.
     pub(crate) async fn start_with(mode: Mode, config: Config) -> Result<Self, BenchError> {
-        let nats = async_nats::connect(&config.nats.url).await.map_err(setup)?;
+        let nats = crate::connect_nats(&config.nats, "resonance-task-bench")
+            .await
+            .map_err(setup)?;
         let consumer = if mode == Mode::Serial {
             Consumer::Serial(Serial::start(&config).await?)
         } else {

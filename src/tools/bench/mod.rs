@@ -357,7 +357,7 @@ impl Bench {
         config.dispatch = tuning.dispatch.clone();
         config.dedup = tuning.dedup.clone();
         config.priority = tuning.priority.clone();
-        config.nats.url = format!("nats://127.0.0.1:{}", nats.port);
+        config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
         config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
         config.redis.addr = format!("127.0.0.1:{}", redis.port);
         config.database.url = SecretUrl::new(format!(
@@ -636,6 +636,7 @@ pub(crate) fn gateway_options(
         journal: None,
         batch: true,
         track_deliveries: false,
+        tls: None,
     }
 }
 

@@ -55,7 +55,9 @@ impl Serial {
         let tracker = TaskTracker::new();
         let registry = GatewayRegistry::spawn(config, &tracker, cancel.clone());
         registry.wait_synced().await;
-        let nats = async_nats::connect(&config.nats.url).await.map_err(setup)?;
+        let nats = crate::connect_nats(&config.nats, "resonance-task-bench")
+            .await
+            .map_err(setup)?;
         let subscription = nats
             .queue_subscribe(
                 config.consumer.topic.clone(),

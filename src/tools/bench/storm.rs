@@ -74,7 +74,9 @@ pub(crate) async fn run(
     let pid = pod
         .pid()
         .ok_or_else(|| setup("the pod process did not start"))?;
-    let nats = async_nats::connect(&config.nats.url).await.map_err(setup)?;
+    let nats = crate::connect_nats(&config.nats, "resonance-task-bench")
+        .await
+        .map_err(setup)?;
     super::drivers::wait_consuming(&nats, &config).await?;
 
     let slow = &bench.gateways[0];
