@@ -129,6 +129,14 @@ fn quoted(p: PathBuf) -> String {
     format!("{:?}", p.display().to_string())
 }
 
+/// `program` started with `args` (naming its config file), listening on
+/// `port`.
+async fn from_conf(program: &'static str, args: Vec<String>, port: u16) -> LocalServer {
+    LocalServer::process(program, program, args, vec![], port)
+        .await
+        .unwrap_or_else(|e| panic!("{program} with TLS starts: {e}"))
+}
+
 /// nats-server with JetStream, mutual TLS and two users: one with a
 /// password, one with an NKey.
 async fn secure_nats(pki: &Pki, nkey_public: &str) -> LocalServer {
@@ -146,15 +154,12 @@ async fn secure_nats(pki: &Pki, nkey_public: &str) -> LocalServer {
         ),
     )
     .unwrap();
-    LocalServer::process(
-        "nats-server",
+    from_conf(
         "nats-server",
         vec!["-c".into(), conf.display().to_string()],
-        vec![],
         port,
     )
     .await
-    .expect("nats-server with TLS starts")
 }
 
 /// redis-server on a TLS port only, client certificates required, the
@@ -174,15 +179,7 @@ async fn secure_redis(pki: &Pki) -> LocalServer {
         ),
     )
     .unwrap();
-    LocalServer::process(
-        "redis-server",
-        "redis-server",
-        vec![conf.display().to_string()],
-        vec![],
-        port,
-    )
-    .await
-    .expect("redis-server with TLS starts")
+    from_conf("redis-server", vec![conf.display().to_string()], port).await
 }
 
 /// etcd serving clients over mutual TLS, with auth enabled and a root
@@ -193,37 +190,19 @@ async fn secure_etcd(pki: &Pki) -> LocalServer {
     let client = format!("https://127.0.0.1:{port}");
     let dir = pki.server_dir("etcd");
     let s = |p: PathBuf| p.display().to_string();
-    let etcd = LocalServer::process(
-        "etcd",
-        "etcd",
-        vec![
-            "--name".into(),
-            "local".into(),
-            "--data-dir".into(),
-            s(dir.join("data")),
-            "--listen-client-urls".into(),
-            client.clone(),
-            "--advertise-client-urls".into(),
-            client,
-            "--listen-peer-urls".into(),
-            peer.clone(),
-            "--initial-advertise-peer-urls".into(),
-            peer.clone(),
-            "--initial-cluster".into(),
-            format!("local={peer}"),
-            "--cert-file".into(),
-            s(pki.path("server.pem")),
-            "--key-file".into(),
-            s(pki.path("server.key")),
-            "--trusted-ca-file".into(),
-            s(pki.path("ca.pem")),
-            "--client-cert-auth".into(),
-        ],
-        vec![],
-        port,
-    )
-    .await
-    .expect("etcd with TLS starts");
+    let mut args = resonance_task::tools::stack::etcd_args(&dir.join("data"), &client, &peer);
+    args.extend([
+        "--cert-file".into(),
+        s(pki.path("server.pem")),
+        "--key-file".into(),
+        s(pki.path("server.key")),
+        "--trusted-ca-file".into(),
+        s(pki.path("ca.pem")),
+        "--client-cert-auth".into(),
+    ]);
+    let etcd = LocalServer::process("etcd", "etcd", args, vec![], port)
+        .await
+        .expect("etcd with TLS starts");
     // Enable auth as an operator would: a root user with the root role.
     let mut setup = resonance_task::config::EtcdConfig {
         endpoints: vec![format!("https://127.0.0.1:{port}")],
@@ -529,4 +508,49 @@ async fn gateway_mtls_refuses_unknown_certificates_and_picks_up_rotated_files() 
     assert_eq!(gateway.ledger.count("alice", 2), 1);
     assert_eq!(gateway.ledger.count("alice", 1), 0);
     gateway.stop().await;
+}
+
+/// SQL credentials: `database.password` replaces the URL's, a wrong one is
+/// a refusal (not a wait), and neither shows in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_password_is_applied_and_a_wrong_one_refused() {
+    use resonance_task::Refusal;
+    use sqlx::Executor;
+    sqlx::any::install_default_drivers();
+    let user = format!("rt_sec_{}", std::process::id());
+    let password = "sql-pw-9e1d";
+    let mut admin =
+        <sqlx::AnyConnection as sqlx::Connection>::connect("mysql://root@127.0.0.1:3306/test")
+            .await
+            .expect("MariaDB reachable as root");
+    for sql in [
+        format!("DROP USER IF EXISTS '{user}'@'%'"),
+        format!("CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"),
+        format!("GRANT SELECT ON test.* TO '{user}'@'%'"),
+    ] {
+        admin.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
+    }
+    let mut cfg = Config::default().database;
+    cfg.url = SecretUrl::new(format!("mysql://{user}:placeholder@127.0.0.1:3306/test"));
+    cfg.password = Some(Secret::new(password));
+    let (pool, _) = resonance_task::store::connect_database(&cfg)
+        .await
+        .expect("the password from database.password is used");
+    pool.close().await;
+
+    cfg.password = Some(Secret::new("not-the-password"));
+    let err = resonance_task::store::connect_database(&cfg)
+        .await
+        .expect_err("a wrong password is refused");
+    assert!(err.refused(), "{err}");
+    let shown = format!("{err} {err:?}");
+    assert!(
+        !shown.contains("not-the-password") && !shown.contains(password),
+        "{shown}"
+    );
+    assert!(shown.contains(&user), "{shown}");
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("DROP USER '{user}'@'%'")))
+        .await
+        .unwrap();
 }

@@ -255,27 +255,37 @@ pub async fn etcd_server() -> Result<LocalServer, StackError> {
         "etcd-server",
         Some("/health"),
         move |dir, port| {
-            let client = format!("http://127.0.0.1:{port}");
-            let peer = format!("http://127.0.0.1:{peer}");
-            vec![
-                "--name".into(),
-                "local".into(),
-                "--data-dir".into(),
-                dir.path().join("data").display().to_string(),
-                "--listen-client-urls".into(),
-                client.clone(),
-                "--advertise-client-urls".into(),
-                client,
-                "--listen-peer-urls".into(),
-                peer.clone(),
-                "--initial-advertise-peer-urls".into(),
-                peer.clone(),
-                "--initial-cluster".into(),
-                format!("local={peer}"),
-            ]
+            etcd_args(
+                &dir.path().join("data"),
+                &format!("http://127.0.0.1:{port}"),
+                &format!("http://127.0.0.1:{peer}"),
+            )
         },
     )
     .await
+}
+
+/// Arguments of a one-member etcd cluster serving clients on `client` (an
+/// `http://` or `https://` URL) and its peer on `peer`.
+pub fn etcd_args(data_dir: &std::path::Path, client: &str, peer: &str) -> Vec<String> {
+    [
+        "--name",
+        "local",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        &format!("local={peer}"),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 pub async fn redis_server() -> Result<LocalServer, StackError> {
