@@ -56,6 +56,16 @@ enum Command {
         after_help = "Example:\n  resonance-task gateway --id gateway-001 --listen 127.0.0.1:9091 --http 127.0.0.1:9191 --users 0..500"
     )]
     Gateway(GatewayArgs),
+    /// Write a development CA, a server certificate and a client
+    /// certificate (for localhost and 127.0.0.1) as PEM files.
+    #[command(
+        after_help = "Example:\n  resonance-task certs --dir tls\n  resonance-task gateway --id gateway-001 --tls-cert tls/server.pem --tls-key tls/server.key --client-ca tls/ca.pem\n  RESONANCE_TASK__GATEWAY__TLS__CA_FILE=tls/ca.pem RESONANCE_TASK__GATEWAY__TLS__CERT_FILE=tls/client.pem RESONANCE_TASK__GATEWAY__TLS__KEY_FILE=tls/client.key resonance-task run"
+    )]
+    Certs {
+        /// Directory the files are written to (created if missing)
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Create sessions with members drawn from simulated users.
     #[command(
         after_help = "Example:\n  resonance-task seed --users 1200 --sessions 2x200,100x20,1000x2"
@@ -135,6 +145,10 @@ struct BenchArgs {
     /// are offered above the batch peak, with priority lanes on and off
     #[arg(long)]
     priority: bool,
+    /// Also measure the batch mode with mutual TLS to every gateway, beside
+    /// plaintext
+    #[arg(long)]
+    tls: bool,
     /// No progress bar on stderr
     #[arg(long)]
     no_progress: bool,
@@ -367,6 +381,14 @@ fn start(cli: Cli) -> Result<()> {
         print!("{}", config.to_redacted_yaml());
         return Ok(());
     }
+    if let Command::Certs { dir } = &cli.command {
+        let pki = resonance_task::tools::certs::DevPki::create(dir)?;
+        println!(
+            "wrote ca.pem, server.pem, server.key, client.pem, client.key to {}",
+            pki.dir.display()
+        );
+        return Ok(());
+    }
     let mut config = config;
     if matches!(cli.command, Command::Bench(_)) && config.log.level == LogConfig::default().level {
         // The pods run in this process; their info lines would bury the table.
@@ -380,7 +402,9 @@ fn start(cli: Cli) -> Result<()> {
 async fn dispatch(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Run => resonance_task::run(config, shutdown_signal()).await?,
-        Command::CheckConfig => unreachable!("handled before the runtime starts"),
+        Command::CheckConfig | Command::Certs { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Migrate => {
             let (pool, dialect) = connect_database(&config.database).await?;
             migrate(&pool, dialect, &config.database).await?;
@@ -439,6 +463,7 @@ async fn dispatch(command: Command, config: Config) -> Result<()> {
                 sweep: args.sweep.then_some(args.sweep_dir),
                 storm: args.storm,
                 priority: args.priority,
+                tls: args.tls,
                 progress: !args.no_progress && std::io::stderr().is_terminal(),
                 tuning: config,
             })

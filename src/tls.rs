@@ -201,12 +201,11 @@ mod tests {
     }
 
     fn pem_pair() -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        let leaf = crate::tools::certs::Ca::new("test CA")
             .unwrap()
-            .self_signed(&key)
+            .leaf("test", false)
             .unwrap();
-        (cert.pem(), key.serialize_pem())
+        (leaf.cert, leaf.key.to_string())
     }
 
     #[test]

@@ -40,3 +40,27 @@ async fn every_mode_delivers_what_it_submitted() {
     }
     assert!(report.to_text().contains("batch_vs_serial"));
 }
+
+/// `--tls`: the batch mode over mutual TLS delivers everything it submits,
+/// beside a plaintext run of the same size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_comparison_delivers_over_mutual_tls() {
+    let report = bench::run(BenchOptions {
+        modes: vec![Mode::Batch],
+        group_size: 40,
+        gateways: 2,
+        deliveries: 4_000,
+        latency_group_size: 10,
+        latency_seconds: 0.2,
+        tls: true,
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .expect("bench runs");
+    let tls = report.tls.as_ref().expect("TLS comparison");
+    assert_eq!(tls.mtls.deliveries, tls.mtls.events as u64 * 40);
+    assert_eq!(tls.plain.events, tls.mtls.events, "same workload");
+    assert!(tls.mtls_vs_plain > 0.0, "{tls:?}");
+    assert!(report.to_text().contains("mtls_vs_plain"));
+}

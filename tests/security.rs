@@ -6,18 +6,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use resonance_task::config::{Config, Secret, SecretUrl, TlsConfig};
 use resonance_task::gateway::reference::{ReferenceGateway, ServerTls};
 use resonance_task::gateway::{GatewayPool, PushOutcome};
 use resonance_task::proto::PushMessage;
 use resonance_task::registry::{GatewayEndpoint, PushProtocol};
+use resonance_task::tools::certs::{self, Ca, DevPki};
 use tempfile::TempDir;
 
 use common::*;
@@ -35,25 +32,17 @@ struct Pki {
 impl Pki {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca = issuer("resonance test CA");
-        let rogue = issuer("somebody else's CA");
-        write(dir.path(), "ca", &ca.pem(), None);
-        let leaf = |name: &str, usage: Vec<ExtendedKeyUsagePurpose>, by: &Ca| {
-            let key = KeyPair::generate().unwrap();
-            let mut params =
-                CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = usage;
-            let cert = params.signed_by(&key, by).unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
-        let (c, k) = leaf("server", vec![ServerAuth, ClientAuth], &ca);
-        write(dir.path(), "server", &c, Some(&k));
-        let (c, k) = leaf("resonance-task", vec![ClientAuth], &ca);
-        write(dir.path(), "client", &c, Some(&k));
-        let (c, k) = leaf("resonance-task", vec![ClientAuth], &rogue);
-        write(dir.path(), "rogue", &c, Some(&k));
+        let ca = Ca::new("resonance test CA").unwrap();
+        let rogue = Ca::new("somebody else's CA").unwrap();
+        certs::write(dir.path(), "ca", &ca.pem(), None).unwrap();
+        for (name, by, server) in [
+            ("server", &ca, true),
+            ("client", &ca, false),
+            ("rogue", &rogue, false),
+        ] {
+            let leaf = by.leaf(name, server).unwrap();
+            certs::write(dir.path(), name, &leaf.cert, Some(&leaf.key)).unwrap();
+        }
         Self { dir }
     }
 
@@ -66,10 +55,6 @@ impl Pki {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.path(name)).unwrap()
     }
 
     /// Client TLS with our CA and the named client identity.
@@ -96,32 +81,11 @@ impl Pki {
     }
 
     fn gateway_tls(&self) -> ServerTls {
-        ServerTls {
-            cert: self.read("server.pem"),
-            key: zeroize::Zeroizing::new(self.read("server.key")),
-            client_ca: Some(self.read("ca.pem")),
+        DevPki {
+            dir: self.dir.path().to_path_buf(),
         }
-    }
-}
-
-type Ca = CertifiedIssuer<'static, KeyPair>;
-
-fn issuer(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn write(dir: &Path, name: &str, cert: &str, key: Option<&str>) {
-    std::fs::write(dir.join(format!("{name}.pem")), cert).unwrap();
-    if let Some(key) = key {
-        std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
+        .server_tls()
+        .unwrap()
     }
 }
 

@@ -1,4 +1,5 @@
-//! Tools around the service, for development, the demo and tests: `seed`
+//! Tools around the service, for development, the demo and tests: `certs`
+//! writes certificates for local TLS, `seed`
 //! creates sessions and members, `publish` sends events as a real publisher
 //! does, `workload` publishes a sample load and reports what the gateways
 //! received; `stack` and `fault_proxy` run private servers and break the
@@ -7,6 +8,7 @@
 //! in one place.
 
 pub mod bench;
+pub mod certs;
 pub mod chaos;
 pub mod dlq;
 pub mod fault_proxy;

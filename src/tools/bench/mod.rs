@@ -41,6 +41,7 @@ use crate::config::{Config, SecretUrl};
 use crate::gateway::reference::{ReferenceGateway, ReferenceGatewayError, ReferenceGatewayOptions};
 use crate::proto::PushEvent;
 use crate::store::{MemberError, MemberStore, SessionSeed};
+use crate::tools::certs::DevPki;
 use drivers::Driver;
 
 pub use drivers::Mode;
@@ -94,6 +95,9 @@ pub struct BenchOptions {
     /// Also measure high-priority latency under a saturating normal load,
     /// lanes on and off.
     pub priority: bool,
+    /// Also measure the batch mode with mutual TLS to every gateway, beside
+    /// plaintext.
+    pub tls: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Where the pods' `consumer.worker_count`, `gateway`, `dispatch`,
@@ -114,6 +118,7 @@ impl Default for BenchOptions {
             sweep: None,
             storm: false,
             priority: false,
+            tls: false,
             progress: true,
             tuning: Config::default(),
         }
@@ -185,6 +190,18 @@ pub struct BenchReport {
     pub storm: Option<storm::StormResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<priority::PriorityResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsResult>,
+}
+
+/// The batch mode over plaintext and over mutual TLS, measured one after
+/// the other on the same workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsResult {
+    pub plain: ModeResult,
+    pub mtls: ModeResult,
+    /// mTLS throughput over plaintext throughput.
+    pub mtls_vs_plain: f64,
 }
 
 impl BenchReport {
@@ -264,6 +281,16 @@ impl BenchReport {
                 p.lanes_on.normal_p99_ms
             ));
         }
+        if let Some(t) = &self.tls {
+            out.push_str(&format!(
+                "batch over mutual TLS: {:.0} deliveries/s (p99 {:.1} ms) vs plaintext {:.0} (p99 {:.1} ms): mtls_vs_plain {:.2}\n",
+                t.mtls.deliveries_per_sec,
+                t.mtls.p99_ms,
+                t.plain.deliveries_per_sec,
+                t.plain.p99_ms,
+                t.mtls_vs_plain
+            ));
+        }
         if let Some(sweep) = &self.sweep {
             out.push_str("\nsweep (batch mode and floor, per-delivery cost):\n");
             out.push_str(&format!(
@@ -339,11 +366,14 @@ pub(crate) struct Bench {
 }
 
 impl Bench {
+    /// With `tls`, gateways serve mutual TLS with its server certificate
+    /// and pods connect with its client certificate.
     async fn start(
         gateways: usize,
         users: usize,
         progress: bool,
         tuning: &Config,
+        tls: Option<&DevPki>,
     ) -> Result<Self, BenchError> {
         let (nats, etcd, redis) = tokio::try_join!(
             stack::nats_server(),
@@ -367,6 +397,13 @@ impl Bench {
         config.database.migrate_on_start = Some(true);
         config.admin.enabled = false;
         config.log.level = "warn".into();
+        let server_tls = match tls {
+            Some(pki) => {
+                config.gateway.tls = pki.client_tls();
+                Some(pki.server_tls().map_err(setup)?)
+            }
+            None => None,
+        };
         config.validate().map_err(setup)?;
 
         let (pool, dialect) = crate::store::connect_database(&config.database)
@@ -382,14 +419,9 @@ impl Bench {
         for g in 0..gateways {
             // Users are dealt round-robin, so every group spans every gateway.
             let held = names.iter().skip(g).step_by(gateways).cloned().collect();
-            started.push(
-                ReferenceGateway::start(gateway_options(
-                    &config,
-                    format!("gateway-{:03}", g + 1),
-                    held,
-                ))
-                .await?,
-            );
+            let mut opts = gateway_options(&config, format!("gateway-{:03}", g + 1), held);
+            opts.tls = server_tls.clone();
+            started.push(ReferenceGateway::start(opts).await?);
         }
         Ok(Self {
             _nats: nats,
@@ -650,7 +682,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         opts.group_size.max(opts.latency_group_size)
     };
     let users = largest.max(4000).div_ceil(opts.gateways) * opts.gateways;
-    let mut bench = Bench::start(opts.gateways, users, opts.progress, &opts.tuning).await?;
+    let mut bench = Bench::start(opts.gateways, users, opts.progress, &opts.tuning, None).await?;
     let sessions = bench.sessions(opts.group_size).await?;
     let mut modes = BTreeMap::new();
     for &mode in &opts.modes {
@@ -730,6 +762,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         None
     };
 
+    let tls = if opts.tls {
+        Some(compare_tls(&opts, users).await?)
+    } else {
+        None
+    };
+
     let mut report = BenchReport {
         machine: machine(),
         group_size: opts.group_size,
@@ -742,11 +780,47 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         sweep,
         storm,
         priority,
+        tls,
     };
     report.batch_vs_serial = report.ratio(Mode::Batch, Mode::Serial);
     report.batch_vs_stream = report.ratio(Mode::Batch, Mode::Stream);
     report.batch_vs_floor = report.ratio(Mode::Batch, Mode::Floor);
     Ok(report)
+}
+
+/// The batch mode on two fresh stacks alike but for TLS: one plaintext, one
+/// whose gateways require client certificates; same workload, interleaved.
+async fn compare_tls(opts: &BenchOptions, users: usize) -> Result<TlsResult, BenchError> {
+    let dir = tempfile::tempdir().map_err(setup)?;
+    let pki = DevPki::create(dir.path()).map_err(setup)?;
+    let start = |tls| Bench::start(opts.gateways, users, opts.progress, &opts.tuning, tls);
+    let mut bench = start(None).await?;
+    let mut secure = start(Some(&pki)).await?;
+    let sessions = bench.sessions(opts.group_size).await?;
+    let secure_sessions = secure.sessions(opts.group_size).await?;
+    let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
+    // In the order plain, mTLS, mTLS, plain, so a drift over the run (the
+    // machine warming, a neighbour's load) weighs on both sides alike; each
+    // side reports the faster of its two runs.
+    let plain_first = run_mode(&bench, Mode::Batch, &sessions, events).await?;
+    let mtls_first = run_mode(&secure, Mode::Batch, &secure_sessions, events).await?;
+    let mtls_second = run_mode(&secure, Mode::Batch, &secure_sessions, events).await?;
+    let plain_second = run_mode(&bench, Mode::Batch, &sessions, events).await?;
+    let faster = |a: ModeResult, b: ModeResult| {
+        if a.deliveries_per_sec >= b.deliveries_per_sec {
+            a
+        } else {
+            b
+        }
+    };
+    let plain = faster(plain_first, plain_second);
+    let mtls = faster(mtls_first, mtls_second);
+    let mtls_vs_plain = round(mtls.deliveries_per_sec / plain.deliveries_per_sec, 2);
+    Ok(TlsResult {
+        plain,
+        mtls,
+        mtls_vs_plain,
+    })
 }
 
 /// Starts a mode, warms it up, measures `events` at saturation, stops it.
