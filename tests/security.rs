@@ -518,3 +518,28 @@ async fn database_password_is_applied_and_a_wrong_one_refused() {
         .await
         .unwrap();
 }
+
+/// `resonance-task certs` writes a CA, server and client certificates the
+/// TLS settings accept.
+#[test]
+fn the_certs_command_writes_usable_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-task"))
+        .args(["certs", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pki = DevPki {
+        dir: dir.path().to_path_buf(),
+    };
+    let material = resonance_task::tls::TlsMaterial::read("gateway.tls", &pki.client_tls())
+        .expect("client files are valid PEM");
+    assert!(material.ca.is_some() && material.cert.is_some() && material.key.is_some());
+    let server = pki.server_tls().unwrap();
+    assert!(String::from_utf8_lossy(&server.cert).contains("BEGIN CERTIFICATE"));
+}
