@@ -23,49 +23,40 @@ const NATS_PASSWORD: &str = "nats-pw-7d1f0c";
 const REDIS_PASSWORD: &str = "redis-pw-52ab9e";
 const ETCD_PASSWORD: &str = "etcd-pw-c0ffee";
 
-/// A CA, a server certificate for localhost and 127.0.0.1, a client
-/// certificate it signed, and a client certificate of another CA.
+/// The development set (a CA, a server certificate for localhost and
+/// 127.0.0.1, a client certificate it signed) plus `rogue`, a client
+/// certificate of another CA.
 struct Pki {
-    dir: TempDir,
+    dev: DevPki,
+    _dir: TempDir,
 }
 
 impl Pki {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new("resonance test CA").unwrap();
-        let rogue = Ca::new("somebody else's CA").unwrap();
-        certs::write(dir.path(), "ca", &ca.pem(), None).unwrap();
-        for (name, by, server) in [
-            ("server", &ca, true),
-            ("client", &ca, false),
-            ("rogue", &rogue, false),
-        ] {
-            let leaf = by.leaf(name, server).unwrap();
-            certs::write(dir.path(), name, &leaf.cert, Some(&leaf.key)).unwrap();
-        }
-        Self { dir }
+        let dev = DevPki::create(dir.path()).unwrap();
+        let rogue = Ca::new("somebody else's CA")
+            .unwrap()
+            .leaf("rogue", false)
+            .unwrap();
+        certs::write(dir.path(), "rogue", &rogue.cert, Some(&rogue.key)).unwrap();
+        Self { dev, _dir: dir }
     }
 
     /// A directory for one server's files, removed with the certificates.
     fn server_dir(&self, name: &str) -> PathBuf {
-        let dir = self.dir.path().join(name);
+        let dir = self.path(name);
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.dev.path(name)
     }
 
     /// Client TLS with our CA and the named client identity.
     fn client(&self, identity: &str) -> TlsConfig {
-        TlsConfig {
-            enabled: true,
-            ca_file: Some(self.path("ca.pem")),
-            cert_file: Some(self.path(&format!("{identity}.pem"))),
-            key_file: Some(self.path(&format!("{identity}.key"))),
-            server_name: None,
-        }
+        self.dev.client_tls_as(identity)
     }
 
     /// Replaces the client identity files with `identity`'s, as a
@@ -81,11 +72,7 @@ impl Pki {
     }
 
     fn gateway_tls(&self) -> ServerTls {
-        DevPki {
-            dir: self.dir.path().to_path_buf(),
-        }
-        .server_tls()
-        .unwrap()
+        self.dev.server_tls().unwrap()
     }
 }
 

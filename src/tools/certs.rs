@@ -119,11 +119,17 @@ impl DevPki {
 
     /// A pod's side: trust the CA, present the client certificate.
     pub fn client_tls(&self) -> TlsConfig {
+        self.client_tls_as("client")
+    }
+
+    /// [`DevPki::client_tls`] presenting `{identity}.pem` and
+    /// `{identity}.key` from the same directory instead.
+    pub fn client_tls_as(&self, identity: &str) -> TlsConfig {
         TlsConfig {
             enabled: true,
             ca_file: Some(self.path("ca.pem")),
-            cert_file: Some(self.path("client.pem")),
-            key_file: Some(self.path("client.key")),
+            cert_file: Some(self.path(&format!("{identity}.pem"))),
+            key_file: Some(self.path(&format!("{identity}.key"))),
             server_name: None,
         }
     }
