@@ -1104,13 +1104,16 @@ impl Config {
             ("gateway.tls", &self.gateway.tls, true),
         ] {
             if let Some(name) = &tls.server_name {
+                let key = format!("{section}.server_name");
                 if !names_server {
                     return Err(ConfigError::invalid(
-                        format!("{section}.server_name"),
+                        key,
                         "is not supported here; address the server by a name its certificate carries",
                     ));
                 }
-                non_empty("gateway.tls.server_name", name)?;
+                if name.trim().is_empty() {
+                    return Err(ConfigError::invalid(key, "must not be empty"));
+                }
             }
             crate::tls::TlsMaterial::read(section, tls).map_err(|e| {
                 ConfigError::invalid(e.key, format!("{}: {}", e.path.display(), e.reason))
@@ -1639,6 +1642,10 @@ mod tests {
             (
                 "nats:\n  tls:\n    server_name: x\n",
                 "nats.tls.server_name",
+            ),
+            (
+                "etcd:\n  tls:\n    server_name: ' '\n",
+                "etcd.tls.server_name",
             ),
             ("limits:\n  max_members: 0\n", "limits.max_members"),
             (
