@@ -390,8 +390,14 @@ pub struct ConsumerConfig {
     /// Redelivery after this long without an ack.
     #[serde(with = "duration")]
     pub ack_wait: Duration,
-    /// Deliveries before an event is dead-lettered.
+    /// Failed attempts before an event is dead-lettered. Counted by the
+    /// service in Redis: a handback (shutdown, another handler holding the
+    /// event, an ack_wait that ran out while it waited) is not a failure.
     pub max_deliver: i64,
+    /// JetStream's own limit on deliveries of one message, whatever their
+    /// cause (failures, handbacks, crashed pods, lost acks). A message that
+    /// reaches it is moved to the dead letters as `max deliveries reached`.
+    pub delivery_ceiling: i64,
     /// Oldest unconsumed event the stream keeps.
     #[serde(with = "duration")]
     pub stream_max_age: Duration,
@@ -414,6 +420,7 @@ impl Default for ConsumerConfig {
             stream: "RESONANCE_PUSH".into(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
+            delivery_ceiling: 100,
             stream_max_age: Duration::from_secs(7 * 24 * 3600),
             dead_letter_topic: "resonance.push.dead.v1".into(),
             dead_letter_stream: "RESONANCE_PUSH_DEAD".into(),
@@ -621,6 +628,10 @@ pub struct PriorityConfig {
     /// Events a pod takes from NATS ahead of its workers and orders by
     /// lane: how far a high-priority event can overtake a backlog.
     pub prefetch: usize,
+    /// Bytes those waiting events may hold at most (pull requests ask for
+    /// no more); one message larger than this is still taken when nothing
+    /// waits.
+    pub prefetch_bytes: usize,
     /// Event `type` values that are high priority.
     pub high_types: Vec<String>,
     /// One-to-one sessions (session_type 1) are high priority.
@@ -631,6 +642,7 @@ impl Default for PriorityConfig {
     fn default() -> Self {
         Self {
             prefetch: 4096,
+            prefetch_bytes: 64 << 20,
             high_types: Vec::new(),
             one_to_one_high: false,
         }
@@ -945,6 +957,28 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.consumer.delivery_ceiling < self.consumer.max_deliver {
+            return Err(ConfigError::invalid(
+                "consumer.delivery_ceiling",
+                "must be at least consumer.max_deliver",
+            ));
+        }
+        // An unsettled event's progress must outlive its last redelivery,
+        // or that redelivery pushes again to recipients already reached.
+        let horizon = self
+            .consumer
+            .retry_backoff_max
+            .saturating_mul(self.consumer.max_deliver.clamp(1, u32::MAX as i64) as u32)
+            .saturating_add(self.consumer.ack_wait);
+        if self.dedup.enabled && self.dedup.progress_ttl < horizon {
+            return Err(ConfigError::invalid(
+                "dedup.progress_ttl",
+                format!(
+                    "must be at least consumer.max_deliver x consumer.retry_backoff_max + consumer.ack_wait ({})",
+                    humantime::format_duration(horizon)
+                ),
+            ));
+        }
         positive("consumer.stream_max_age", self.consumer.stream_max_age)?;
         let url = self.database.url.expose();
         if ![
@@ -1021,6 +1055,11 @@ impl Config {
         self.validate_security()?;
         self.validate_limits()?;
         within("priority.prefetch", self.priority.prefetch, 1..=100_000)?;
+        within(
+            "priority.prefetch_bytes",
+            self.priority.prefetch_bytes,
+            (64 << 10)..=(16 << 30),
+        )?;
         Ok(())
     }
 
@@ -1550,6 +1589,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("consumer.topic"), "{err}");
+    }
+
+    #[test]
+    fn progress_must_outlive_the_redelivery_horizon() {
+        let err = load_yaml("dedup:\n  progress_ttl: 10m\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dedup.progress_ttl") && err.contains("consumer.retry_backoff_max"),
+            "{err}"
+        );
+        load_yaml("dedup:\n  progress_ttl: 10m\nconsumer:\n  max_deliver: 4\n").unwrap();
+        let err = load_yaml("consumer:\n  delivery_ceiling: 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consumer.delivery_ceiling"), "{err}");
+        let err = load_yaml("priority:\n  prefetch_bytes: 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("priority.prefetch_bytes"), "{err}");
     }
 
     #[test]

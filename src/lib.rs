@@ -422,6 +422,7 @@ async fn serve(
         config.offline.max_messages,
         config.offline.ttl,
     );
+    let attempts = consumer::FailedAttempts::new(redis.clone(), config.dedup.progress_ttl);
     let routes = RouteStore::new(
         redis,
         config.dispatch.route_chunk_size,
@@ -510,14 +511,17 @@ async fn serve(
                 abort: abort.clone(),
                 readiness: readiness.clone(),
             };
-            consumer::jetstream::run(
+            let prefetch = consumer::jetstream::Prefetch {
+                count: config.priority.prefetch,
+                bytes: config.priority.prefetch_bytes,
+            };
+            consumer::jetstream::Intake::new(
                 nats.clone(),
                 config.consumer.clone(),
                 handler,
-                shutdown,
-                tracker.clone(),
-                config.priority.prefetch,
+                attempts,
             )
+            .run(shutdown, tracker.clone(), prefetch)
             .await;
         }
         ConsumerMode::Core => {

@@ -495,10 +495,13 @@ async fn dispatch(command: Command, config: Config) -> Result<()> {
             }
             if !report.passed() {
                 bail!(
-                    "chaos run failed: {} lost, {} of {} poison payloads dead-lettered",
+                    "chaos run failed: {} lost, {} stranded, {} left in the work queue, {} of {} poison payloads dead-lettered, {} valid events dead-lettered",
                     report.lost,
+                    report.stranded,
+                    report.stream_left,
                     report.poison_dead_lettered,
-                    report.poison_injected
+                    report.poison_injected,
+                    report.valid_dead_lettered
                 );
             }
         }

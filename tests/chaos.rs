@@ -1,6 +1,8 @@
-//! A small chaos run in the suite: pods and gateways as processes, every
-//! dependency failing in turn, nothing lost and every poison payload
-//! dead-lettered. `resonance-task chaos` runs the full-size version.
+//! A small chaos run in the suite, on the shipped defaults: pods and
+//! gateways as processes, every dependency failing in turn, rolling SIGTERM
+//! restarts with a backlog, nothing lost or stranded, the work queue empty
+//! and every poison payload dead-lettered. `resonance-task chaos` runs the
+//! full-size version.
 
 use std::time::Duration;
 
@@ -34,8 +36,20 @@ async fn a_small_chaos_run_loses_nothing() {
         "a meaningful load: {}",
         report.expected
     );
-    assert_eq!(report.faults_injected, 7);
+    assert!(
+        report.rolling_restarts >= 2,
+        "every pod restarted with a backlog"
+    );
+    assert_eq!(report.faults_injected, 7 + report.rolling_restarts);
     assert_eq!(report.lost, 0, "nothing lost");
+    assert_eq!(report.stranded, 0, "nothing stranded");
+    assert_eq!(report.stream_left, 0, "the work queue is empty");
+    assert_eq!(
+        (report.consumer_pending, report.consumer_ack_pending),
+        (0, 0),
+        "nothing pending or unacked"
+    );
+    assert!(report.passed());
     assert_eq!(report.unexpected, 0);
     assert_eq!(report.poison_injected, 30);
     assert_eq!(

@@ -54,7 +54,7 @@ async fn poison_and_exhausted_events_are_dead_lettered_listed_and_replayed() {
         .expect("exhausted");
     assert_eq!(exhausted.deliveries, 2);
     assert!(
-        exhausted.reason.contains("gave up after 2 deliveries"),
+        exhausted.reason.contains("gave up after 2 failed attempts"),
         "{}",
         exhausted.reason
     );
@@ -73,16 +73,16 @@ async fn poison_and_exhausted_events_are_dead_lettered_listed_and_replayed() {
         "{text}"
     );
 
-    // The gateway is back; a pod with the everyday max_deliver (the durable
-    // consumer's settings are updated to match) takes the replay.
+    // The gateway is back; a pod with the everyday max_deliver takes the
+    // replay. JetStream's own limit is the ceiling, not max_deliver.
+    assert_eq!(
+        consumer_info(&nats, &config).await.config.max_deliver,
+        config.consumer.delivery_ceiling
+    );
     proxy.set(ProxyMode::Pass);
     pod.stop().await;
     config.consumer.max_deliver = 10;
     let pod = Pod::start(config.clone());
-    eventually("consumer settings updated", || async {
-        consumer_info(&nats, &config).await.config.max_deliver == 10
-    })
-    .await;
     let replayed = dlq::replay(
         &js,
         &config.consumer,
@@ -204,4 +204,53 @@ async fn events_over_input_limits_are_dead_lettered_with_the_limit() {
     }
     pod.stop().await;
     g1.stop().await;
+}
+
+/// A dead-lettered event that reached some of its members, replayed after
+/// its in-flight progress would have expired: only the members it had not
+/// reached are pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_partial_event_pushes_only_the_rest() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    let (g2, proxy) = stack.gateway_behind_proxy("gateway-002", &["c"]).await;
+    stack.session(&store, "g", &["a", "b", "c"]).await;
+    let mut config = stack.config();
+    config.consumer.max_deliver = 2;
+    config.consumer.max_retry = 0;
+    config.consumer.ack_wait = Duration::from_secs(1);
+    config.consumer.retry_interval = Duration::from_millis(100);
+    config.consumer.retry_backoff_max = Duration::from_millis(100);
+    config.dedup.progress_ttl = Duration::from_secs(3);
+    let nats = stack.nats().await;
+    proxy.set(ProxyMode::Cut);
+    let pod = Pod::start(config.clone());
+    wait_consuming(&nats, &config).await;
+    publish(&nats, &config.consumer.topic, &event(8, "g", "a")).await;
+    let js = jetstream::new(nats.clone());
+    eventually("dead-lettered", || async {
+        dlq::list(&js, &config.consumer)
+            .await
+            .map(|l| l.iter().any(|d| d.msg_id == Some(8)))
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(g1.ledger.count("b", 8), 1);
+    // Past the in-flight progress TTL.
+    tokio::time::sleep(config.dedup.progress_ttl + Duration::from_secs(1)).await;
+    proxy.set(ProxyMode::Pass);
+    dlq::replay(&js, &config.consumer, &Selection::All, false)
+        .await
+        .unwrap();
+    eventually("c reached by the replay", || async {
+        g2.ledger.count("c", 8) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    assert_eq!(g1.ledger.count("a", 8), 1, "a not pushed again");
+    assert_eq!(g1.ledger.count("b", 8), 1, "b not pushed again");
+    pod.stop().await;
+    g1.stop().await;
+    g2.stop().await;
 }

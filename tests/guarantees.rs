@@ -153,6 +153,9 @@ async fn sigterm_finishes_in_flight_events_and_exits_cleanly() {
 
 /// Past the grace period, unfinished events go back to NATS at once: with
 /// an ack_wait of ten minutes, only the hand-back lets the next pod deliver.
+/// The stopped handler's claim lapses once its queued push is answered or
+/// timed out (request_timeout after the streams' drain allowance), not
+/// after ack_wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grace_period_hands_unfinished_events_back() {
     let stack = Stack::start().await;
@@ -164,7 +167,7 @@ async fn the_grace_period_hands_unfinished_events_back() {
     let mut config = stack.config();
     config.consumer.ack_wait = Duration::from_secs(600);
     config.consumer.shutdown_grace = Duration::from_millis(300);
-    config.gateway.request_timeout = Duration::from_secs(30);
+    config.gateway.request_timeout = Duration::from_secs(5);
     let nats = stack.nats().await;
     let first = PodProcess::spawn(&config);
     wait_consuming(&nats, &config).await;

@@ -137,6 +137,39 @@ async fn parking_is_idempotent_bounded_and_expires() {
     );
 }
 
+/// The bound trims the oldest by arrival, never the message just parked,
+/// even when it comes from a session whose sequence numbers are lower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bound_never_drops_the_message_just_parked() {
+    let stack = Stack::start().await;
+    let mut config = stack.config();
+    config.offline.max_messages = 3;
+    let store = offline_store(&config).await;
+    let user = vec!["u".to_string()];
+    let message = |msg_id, seq_id, session: &str| PushMessage {
+        msg_id,
+        seq_id,
+        session_id: session.into(),
+        content: format!("m{msg_id}"),
+        ..Default::default()
+    };
+    for seq in 100..=102 {
+        store.park(&message(seq, seq, "s1"), &user).await.unwrap();
+    }
+    let parked = store.park(&message(1, 1, "s2"), &user).await.unwrap();
+    assert_eq!(parked.added, 1);
+    let drained = store.pull("u", 10).await.unwrap();
+    let ids: Vec<(String, i64)> = drained
+        .iter()
+        .map(|m| (m.session_id.clone(), m.seq_id))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![("s1".into(), 101), ("s1".into(), 102), ("s2".into(), 1)],
+        "the oldest arrival went, the newest stayed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_notices_are_batched_and_rate_limited_per_user() {
     let stack = Stack::start().await;

@@ -48,11 +48,9 @@ pub async fn run(
         let client = client.clone();
         let dead_letter_topic = cfg.dead_letter_topic.clone();
         tracker.spawn(async move {
-            let attempt = Attempt {
-                delivery: 1,
-                max_deliver: 1,
-            };
-            // Core NATS cannot hand an event back, so it is always finished.
+            let attempt = Attempt { delivery: 1 };
+            // Core NATS cannot hand an event back or redeliver it, so its
+            // one attempt is also its last.
             let decision = handler
                 .handle_event(
                     &message.payload,
@@ -61,7 +59,8 @@ pub async fn run(
                     &CancellationToken::new(),
                     turn,
                 )
-                .await;
+                .await
+                .or_give_up(1, 1);
             if let Decision::DeadLetter { reason, last_error } = &decision {
                 let info = DeadLetterInfo {
                     reason,

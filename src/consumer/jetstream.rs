@@ -1,10 +1,13 @@
 //! Durable intake: a JetStream stream bound to `consumer.topic` captures the
 //! publishers' plain core-NATS publishes, and one durable pull consumer
 //! (named after `consumer.queue_group`) shared by every pod is the queue
-//! group. Each pod keeps `consumer.worker_count` events in flight. A message
-//! is acked only after its fan-out settled, nak'ed with a delay on a
-//! transient failure, and dead-lettered then terminated when it can never
-//! succeed or ran out of deliveries.
+//! group. Each pod keeps `consumer.worker_count` events in flight and a
+//! bounded prefetch (count and bytes) waiting in priority lanes. A message
+//! is acked only after its fan-out settled, nak'ed with a delay on a failed
+//! attempt (counted in Redis by `attempts`), handed back without spending
+//! an attempt when it was not its fault, and dead-lettered then terminated
+//! when it can never succeed or its attempts are spent. Whatever happens,
+//! a message leaves the work queue acked or in the dead letters.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +16,11 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::{self, AckKind, stream};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::attempts::{FailedAttempts, failed_key};
 use super::dead_letter::{self, DeadLetterInfo};
 use super::lanes::LaneQueue;
 use super::{Attempt, Decision, Handle};
@@ -48,7 +53,9 @@ fn consumer_config(cfg: &ConsumerConfig) -> pull::Config {
         ack_policy: AckPolicy::Explicit,
         deliver_policy: DeliverPolicy::All,
         ack_wait: cfg.ack_wait,
-        max_deliver: cfg.max_deliver,
+        // Giving up after consumer.max_deliver failed attempts is ours;
+        // JetStream's limit is the ceiling over every kind of delivery.
+        max_deliver: cfg.delivery_ceiling,
         filter_subject: cfg.topic.clone(),
         max_ack_pending: MAX_ACK_PENDING,
         ..Default::default()
@@ -124,11 +131,17 @@ pub async fn ensure(
 
 /// Most messages asked for in one pull request.
 const MAX_BATCH: usize = 256;
-/// How long one pull request stays open when fewer messages are waiting,
-/// and the idle heartbeat that detects a dead pull meanwhile (the server
-/// requires it to be at most half the expiry).
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
-const PULL_HEARTBEAT: Duration = Duration::from_secs(3);
+/// How long one pull request stays open when fewer messages are waiting.
+/// Short, because a pod that stops reads its open request to the end
+/// (handing back what it still brings) rather than abandon messages to
+/// ack_wait; an idle pod sends one request per expiry.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// What a stored message may add to its payload in a pull response
+/// (headers, subject, reply), so a pull can always take the largest one.
+const MESSAGE_OVERHEAD: usize = 64 << 10;
+/// After stop, the longest wait for the hand-back of what is left (the
+/// open pull request's end, the naks), NATS up or down.
+const HANDBACK_LIMIT: Duration = Duration::from_secs(10);
 
 /// Cancellation of the intake, in two steps.
 #[derive(Clone)]
@@ -142,131 +155,413 @@ pub struct Shutdown {
     pub readiness: Arc<Readiness>,
 }
 
-/// Pulls and handles events until `shutdown.stop` fires. Up to `prefetch`
-/// pulled messages wait in priority lanes (`lanes`) for one of
-/// `worker_count` workers, high lane first; while they wait they get
-/// in-progress acks so ack_wait does not hand them to another pod. On stop,
-/// what waits is nak'ed at once. Connection trouble is retried with
-/// backoff; events in flight are handled on `tracker`.
-pub async fn run<H: Handle>(
-    client: async_nats::Client,
+/// How much may wait in the pod ahead of its workers.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefetch {
+    pub count: usize,
+    pub bytes: usize,
+}
+
+/// Messages taken from NATS that wait for a worker, in lanes, with what
+/// they hold in bytes.
+struct Waiting {
+    lanes: LaneQueue<jetstream::Message>,
+    bytes: usize,
+}
+
+impl Waiting {
+    fn push<H: Handle>(&mut self, handler: &H, message: jetstream::Message) {
+        let lane = handler.lane(message.headers.as_ref(), &message.payload);
+        metrics::counter!(telemetry::metrics::LANE_EVENTS, "lane" => lane.as_str()).increment(1);
+        let session = handler.session_of(&message.payload);
+        self.bytes += message.length;
+        self.lanes.push(message, session, lane);
+        report_lanes(&self.lanes);
+    }
+
+    fn pop(&mut self) -> Option<jetstream::Message> {
+        let next = self.lanes.pop()?;
+        self.bytes -= next.item.length;
+        report_lanes(&self.lanes);
+        Some(next.item)
+    }
+
+    /// What the next pull request may ask for, if anything: `None` while
+    /// too little has left to be worth a request. A message as large as
+    /// the server allows (`largest`) always fits when nothing waits.
+    fn room(&self, limit: Prefetch, largest: usize) -> Option<(usize, usize)> {
+        let count = limit.count.saturating_sub(self.lanes.len());
+        let bytes = limit.bytes.saturating_sub(self.bytes);
+        let refill = (limit.count / 4).clamp(1, MAX_BATCH / 4);
+        if self.lanes.is_empty() {
+            return Some((count.min(MAX_BATCH), bytes.max(largest)));
+        }
+        (count >= refill && bytes >= largest).then_some((count.min(MAX_BATCH), bytes))
+    }
+
+    /// In-progress acks for every message not touched for `age`, so none
+    /// is redelivered for waiting.
+    async fn keep_alive(&mut self, age: Duration) {
+        for queued in self.lanes.iter_mut().filter(|q| q.touched.elapsed() >= age) {
+            queued.touched = std::time::Instant::now();
+            if let Err(e) = queued.item.ack_with(AckKind::Progress).await {
+                tracing::debug!(error = %e, "in-progress ack for a waiting event not sent");
+            }
+        }
+    }
+}
+
+/// One durable intake: the JetStream context and consumer settings, the
+/// handler, and the ledger of failed attempts.
+pub struct Intake<H> {
+    js: jetstream::Context,
     cfg: ConsumerConfig,
     handler: Arc<H>,
-    shutdown: Shutdown,
-    tracker: TaskTracker,
-    prefetch: usize,
-) {
-    let prefetch = prefetch.max(1);
-    let js = jetstream::new(client);
-    let workers = Arc::new(Semaphore::new(cfg.worker_count));
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let stop = &shutdown.stop;
-    while !stop.is_cancelled() {
-        let consumer = match ensure(&js, &cfg).await {
-            Ok(c) => c,
-            Err(error) => {
-                Readiness::set(&shutdown.readiness.consumer_bound, false);
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, "JetStream intake not ready");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
+    attempts: FailedAttempts,
+}
+
+impl<H: Handle> Intake<H> {
+    pub fn new(
+        client: async_nats::Client,
+        cfg: ConsumerConfig,
+        handler: Arc<H>,
+        attempts: FailedAttempts,
+    ) -> Self {
+        Self {
+            js: jetstream::new(client),
+            cfg,
+            handler,
+            attempts,
+        }
+    }
+
+    /// Pulls and handles events until `shutdown.stop` fires. Up to
+    /// `prefetch` pulled messages wait in priority lanes for one of
+    /// `worker_count` workers, high lane first; each pull request asks for
+    /// no more than fits, so nothing waits unseen in the client, and every
+    /// waiting message gets in-progress acks well within ack_wait. On stop
+    /// no further pull is requested: what waits, and what the open request
+    /// still brings, is handed back once each. Connection trouble is
+    /// retried with backoff; events in flight are handled on `tracker`.
+    pub async fn run(self, shutdown: Shutdown, tracker: TaskTracker, prefetch: Prefetch) {
+        let intake = Arc::new(self);
+        let prefetch = Prefetch {
+            count: prefetch.count.max(1),
+            bytes: prefetch.bytes.max(1),
         };
-        tracing::info!(stream = %cfg.stream, consumer = %cfg.queue_group, topic = %cfg.topic, "consuming");
-        Readiness::set(&shutdown.readiness.consumer_bound, true);
-        let bound = stop.child_token();
-        tokio::spawn(report_lag(consumer.clone(), bound.clone()));
-        let _unbind = bound.drop_guard();
-        let pulled = consumer
-            .stream()
-            .max_messages_per_batch(prefetch.clamp(cfg.worker_count.min(MAX_BATCH), MAX_BATCH))
-            .heartbeat(PULL_HEARTBEAT)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        let mut messages = match pulled {
-            Ok(m) => m,
-            Err(error) => {
-                tracing::warn!(%error, "JetStream pull failed; re-binding the consumer");
-                Readiness::set(&shutdown.readiness.consumer_bound, false);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
-                }
-            }
+        let largest = intake.js.client().server_info().max_payload + MESSAGE_OVERHEAD;
+        let workers = Arc::new(Semaphore::new(intake.cfg.worker_count));
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let stop = &shutdown.stop;
+        tracker.spawn(dead_letter::rescue_exhausted(
+            intake.js.clone(),
+            intake.cfg.clone(),
+            stop.clone(),
+        ));
+        tracker.spawn(super::sweep::requeue_left_behind(
+            intake.js.clone(),
+            intake.cfg.clone(),
+            stop.clone(),
+        ));
+        let mut waiting = Waiting {
+            lanes: LaneQueue::default(),
+            bytes: 0,
         };
-        backoff.reset();
-        let mut waiting: LaneQueue<jetstream::Message> = LaneQueue::default();
-        let mut keep_alive = tokio::time::interval(cfg.ack_wait / 3);
+        let mut consumer: Option<PullConsumer> = None;
+        let mut lag: Option<tokio_util::sync::DropGuard> = None;
+        let mut pull: Option<pull::Batch> = None;
+        let mut next_pull = Instant::now();
+        let touch_after = intake.cfg.ack_wait / 3;
+        let mut keep_alive = tokio::time::interval(intake.cfg.ack_wait / 6);
         loop {
-            // A free worker takes the next waiting event; meanwhile pulled
-            // messages join the lanes until `prefetch` wait.
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                permit = workers.clone().acquire_owned(), if !waiting.is_empty() => {
-                    let permit = permit.expect("semaphore is never closed");
-                    let next = waiting.pop().expect("lanes are not empty");
-                    report_lanes(&waiting);
-                    let message = next.item;
-                    let turn = handler.turn(&message.payload);
-                    let (handler, js, cfg, abort) = (
-                        handler.clone(),
-                        js.clone(),
-                        cfg.clone(),
-                        shutdown.abort.clone(),
-                    );
-                    let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
-                    in_flight.increment(1.0);
-                    tracker.spawn(async move {
-                        settle(&js, &cfg, handler.as_ref(), message, &abort, turn).await;
-                        in_flight.decrement(1.0);
-                        drop(permit);
-                    });
+            if pull.is_none()
+                && Instant::now() >= next_pull
+                && let Some((count, bytes)) = waiting.room(prefetch, largest)
+            {
+                if consumer.is_none() {
+                    match ensure(&intake.js, &intake.cfg).await {
+                        Ok(c) => {
+                            tracing::info!(stream = %intake.cfg.stream, consumer = %intake.cfg.queue_group, topic = %intake.cfg.topic, "consuming");
+                            Readiness::set(&shutdown.readiness.consumer_bound, true);
+                            let bound = stop.child_token();
+                            tracker.spawn(report_lag(c.clone(), bound.clone()));
+                            lag = Some(bound.drop_guard());
+                            consumer = Some(c);
+                        }
+                        Err(error) => {
+                            Readiness::set(&shutdown.readiness.consumer_bound, false);
+                            let delay = backoff.next_delay();
+                            tracing::warn!(%error, retry_in = ?delay, "JetStream intake not ready");
+                            next_pull = Instant::now() + delay;
+                        }
+                    }
                 }
-                next = messages.next(), if waiting.len() < prefetch => match next {
-                    Some(Ok(message)) => {
-                        let lane = handler.lane(message.headers.as_ref(), &message.payload);
-                        metrics::counter!(telemetry::metrics::LANE_EVENTS, "lane" => lane.as_str()).increment(1);
-                        let session = handler.session_of(&message.payload);
-                        waiting.push(message, session, lane);
-                        report_lanes(&waiting);
-                    }
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "JetStream pull broke; re-binding the consumer");
-                        Readiness::set(&shutdown.readiness.consumer_bound, false);
-                        break;
-                    }
-                    None => {
-                        tracing::warn!("JetStream message stream ended; re-binding the consumer");
-                        break;
-                    }
-                },
-                _ = keep_alive.tick() => {
-                    let old = cfg.ack_wait / 3;
-                    for queued in waiting.iter().filter(|q| q.since.elapsed() >= old) {
-                        if let Err(e) = queued.item.ack_with(AckKind::Progress).await {
-                            tracing::debug!(error = %e, "in-progress ack for a waiting event not sent");
+                if let Some(c) = &consumer {
+                    match request(c, count, bytes).await {
+                        Ok(batch) => pull = Some(batch),
+                        Err(error) => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(%error, retry_in = ?delay, "JetStream pull request failed; re-binding the consumer");
+                            Readiness::set(&shutdown.readiness.consumer_bound, false);
+                            (consumer, lag) = (None, None);
+                            next_pull = Instant::now() + delay;
                         }
                     }
                 }
             }
+            let retry_at = next_pull;
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                permit = workers.clone().acquire_owned(), if !waiting.lanes.is_empty() => {
+                    let permit = permit.expect("semaphore is never closed");
+                    let message = waiting.pop().expect("lanes are not empty");
+                    let turn = intake.handler.turn(&message.payload);
+                    let (intake, abort) = (intake.clone(), shutdown.abort.clone());
+                    let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
+                    in_flight.increment(1.0);
+                    tracker.spawn(async move {
+                        intake.settle(message, &abort, turn).await;
+                        in_flight.decrement(1.0);
+                        drop(permit);
+                    });
+                }
+                next = next_of(&mut pull), if pull.is_some() => match next {
+                    Some(Ok(message)) => {
+                        backoff.reset();
+                        waiting.push(intake.handler.as_ref(), message);
+                    }
+                    Some(Err(error)) => {
+                        pull = None;
+                        if !ends_request(&error) {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(%error, retry_in = ?delay, "JetStream pull broke; re-binding the consumer");
+                            Readiness::set(&shutdown.readiness.consumer_bound, false);
+                            (consumer, lag) = (None, None);
+                            next_pull = Instant::now() + delay;
+                        }
+                    }
+                    None => pull = None,
+                },
+                _ = keep_alive.tick() => waiting.keep_alive(touch_after).await,
+                _ = tokio::time::sleep_until(retry_at), if pull.is_none() && retry_at > Instant::now() => {}
+            }
         }
-        // Waiting events go back at once, to another pod.
-        for queued in waiting.drain() {
-            let _ = queued.item.ack_with(AckKind::Nak(None)).await;
+        drop(lag);
+        hand_back(waiting, pull).await;
+    }
+
+    /// Handles one message and carries out the decision: ack, nak with a
+    /// delay (a failed attempt, counted), nak without spending an attempt
+    /// (a handback), or dead letter then terminate. In-progress acks keep
+    /// JetStream from handing it to another pod meanwhile, however long
+    /// the fan-out or the dead-letter store takes.
+    async fn settle(&self, message: jetstream::Message, abort: &CancellationToken, turn: Turn) {
+        let info = message.info().ok().map(|i| {
+            (
+                i.delivered,
+                i.stream_sequence,
+                failed_key(
+                    &self.cfg.stream,
+                    i.stream_sequence,
+                    i.published.unix_timestamp_nanos(),
+                ),
+            )
+        });
+        let delivery = info.as_ref().map_or(1, |i| i.0);
+        let stream_sequence = info.as_ref().map(|i| i.1);
+        let decision = with_progress_acks(&message, self.cfg.ack_wait / 3, async {
+            let attempt = Attempt { delivery };
+            let decision = self
+                .handler
+                .handle(
+                    &message.payload,
+                    message.headers.as_ref(),
+                    attempt,
+                    abort,
+                    turn,
+                )
+                .await;
+            let decision = match decision {
+                Decision::Retry { reason, .. } => {
+                    self.count_failure(info.as_ref().map(|i| i.2.as_str()), reason, delivery)
+                        .await
+                }
+                d => d,
+            };
+            match decision {
+                Decision::DeadLetter { reason, last_error } => {
+                    let info = DeadLetterInfo {
+                        reason: &reason,
+                        last_error: &last_error,
+                        deliveries: delivery,
+                        stream_sequence,
+                        subject: message.subject.as_str(),
+                    };
+                    if self.store_dead_letter(&message, &info, abort).await {
+                        self.handler.dead_lettered(&message.payload).await;
+                        Decision::DeadLetter { reason, last_error }
+                    } else {
+                        Decision::SHUTDOWN
+                    }
+                }
+                d => d,
+            }
+        })
+        .await;
+        let kind = match &decision {
+            Decision::Ack | Decision::Duplicate => AckKind::Ack,
+            Decision::Retry { delay, .. } => AckKind::Nak(Some(*delay)),
+            Decision::HandBack { delay } if delay.is_zero() => AckKind::Nak(None),
+            Decision::HandBack { delay } => AckKind::Nak(Some(*delay)),
+            Decision::DeadLetter { .. } => AckKind::Term,
+        };
+        // A lost ack means a redelivery, which progress tracking makes safe.
+        if let Err(e) = message.ack_with(kind).await {
+            tracing::warn!(error = %e, stream_sequence, ?kind, "ack not sent; the event will be redelivered");
         }
-        report_lanes(&waiting);
-        if stop.is_cancelled() {
-            hand_back_prefetched(&mut messages).await;
-            return;
+        self.handler.decided(&decision);
+    }
+
+    /// A failed attempt: counted, then retried later or, once
+    /// `consumer.max_deliver` attempts have failed, dead-lettered. When the
+    /// count cannot be kept (Redis is down too) the event is retried:
+    /// JetStream's ceiling still bounds it.
+    async fn count_failure(&self, key: Option<&str>, reason: String, delivery: i64) -> Decision {
+        let counted = match key {
+            Some(key) => self.attempts.add(key).await,
+            None => Ok(delivery),
+        };
+        match counted {
+            Ok(failures) => Decision::Retry {
+                delay: redelivery_delay(&self.cfg, failures),
+                reason,
+            }
+            .or_give_up(failures, self.cfg.max_deliver),
+            Err(e) => {
+                tracing::warn!(error = %e, delivery, "failed attempt not counted; the event will be redelivered");
+                Decision::Retry {
+                    delay: redelivery_delay(&self.cfg, delivery),
+                    reason,
+                }
+            }
         }
+    }
+
+    /// Stores the dead letter, recreating a missing dead-letter stream and
+    /// retrying with backoff until it is stored: the event stays in the
+    /// work queue meanwhile, never nak'ed into oblivion. `false` when the
+    /// grace period ran out first (the event is then handed back).
+    async fn store_dead_letter(
+        &self,
+        message: &jetstream::Message,
+        info: &DeadLetterInfo<'_>,
+        abort: &CancellationToken,
+    ) -> bool {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let stored = dead_letter::publish(
+                &self.js,
+                &self.cfg.dead_letter_topic,
+                message.payload.clone(),
+                info,
+            )
+            .await;
+            let error = match stored {
+                Ok(()) => return true,
+                Err(e) => e,
+            };
+            let delay = backoff.next_delay();
+            tracing::error!(%error, stream_sequence = info.stream_sequence, retry_in = ?delay, "dead letter not stored; the event stays in the work queue");
+            if let Err(e) = dead_letter::ensure_stream(&self.js, &self.cfg).await {
+                tracing::warn!(error = %e, "dead-letter stream not recreated");
+            }
+            tokio::select! {
+                _ = abort.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// Runs `work`, sending in-progress acks for `message` every `period`.
+async fn with_progress_acks<T>(
+    message: &jetstream::Message,
+    period: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tokio::pin!(work);
+    loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "in-progress ack not sent");
+                }
+            }
         }
+    }
+}
+
+/// Asks for up to `count` messages of at most `bytes` in all.
+async fn request(
+    consumer: &PullConsumer,
+    count: usize,
+    bytes: usize,
+) -> Result<pull::Batch, async_nats::Error> {
+    let batch = consumer
+        .batch()
+        .max_messages(count)
+        .max_bytes(bytes)
+        .expires(PULL_EXPIRES)
+        .messages();
+    match tokio::time::timeout(PULL_EXPIRES, batch).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => Err("pull request not sent in time".into()),
+    }
+}
+
+async fn next_of(
+    pull: &mut Option<pull::Batch>,
+) -> Option<Result<jetstream::Message, async_nats::Error>> {
+    match pull {
+        Some(batch) => batch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Statuses that only end one pull request: the byte limit was reached.
+fn ends_request(error: &async_nats::Error) -> bool {
+    let text = error.to_string();
+    text.contains("409") && text.contains("MaxBytes")
+}
+
+/// Hands back, once each, what waits and what the open pull request still
+/// brings (no new request is sent), so another pod takes it now; bounded
+/// by [`HANDBACK_LIMIT`] even when NATS is unreachable (those messages come
+/// back after ack_wait instead, still without spending an attempt).
+async fn hand_back(mut waiting: Waiting, pull: Option<pull::Batch>) {
+    let mut handed_back = 0u64;
+    let work = async {
+        while let Some(message) = waiting.pop() {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+            handed_back += 1;
+        }
+        if let Some(mut pull) = pull {
+            while let Some(Ok(message)) = pull.next().await {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                handed_back += 1;
+            }
+        }
+    };
+    let finished = tokio::time::timeout(HANDBACK_LIMIT, work).await.is_ok();
+    if handed_back > 0 || !finished {
+        tracing::info!(
+            handed_back,
+            finished,
+            "waiting events handed back on shutdown"
+        );
     }
 }
 
@@ -274,27 +569,6 @@ fn report_lanes<T>(waiting: &LaneQueue<T>) {
     for lane in [super::Lane::High, super::Lane::Normal] {
         metrics::gauge!(telemetry::metrics::LANE_QUEUED, "lane" => lane.as_str())
             .set(waiting.len_of(lane) as f64);
-    }
-}
-
-/// Messages the client already pulled but no worker took: nak them so
-/// another pod gets them now, not after ack_wait. Pulls still open may
-/// deliver a few more; those are nak'ed as they come until it is quiet.
-async fn hand_back_prefetched<S>(messages: &mut S)
-where
-    S: futures::Stream<
-            Item = Result<jetstream::Message, async_nats::jetstream::consumer::pull::MessagesError>,
-        > + Unpin,
-{
-    let mut handed_back = 0;
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_millis(200), messages.next()).await
-    {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
-        handed_back += 1;
-    }
-    if handed_back > 0 {
-        tracing::info!(handed_back, "prefetched events handed back on shutdown");
     }
 }
 
@@ -315,93 +589,14 @@ async fn report_lag(mut consumer: PullConsumer, stop: CancellationToken) {
     }
 }
 
-/// The redelivery delay after the `delivery`-th attempt failed: doubling
+/// The redelivery delay after the `failures`-th failed attempt: doubling
 /// from `consumer.retry_interval` up to `consumer.retry_backoff_max`, so a
 /// long outage is not hammered at a fixed rate.
-pub fn redelivery_delay(cfg: &ConsumerConfig, delivery: i64) -> Duration {
-    let doublings = delivery.clamp(1, 32) as u32 - 1;
+pub fn redelivery_delay(cfg: &ConsumerConfig, failures: i64) -> Duration {
+    let doublings = failures.clamp(1, 32) as u32 - 1;
     cfg.retry_interval
         .saturating_mul(2u32.saturating_pow(doublings))
         .min(cfg.retry_backoff_max.max(cfg.retry_interval))
-}
-
-async fn settle<H: Handle>(
-    js: &jetstream::Context,
-    cfg: &ConsumerConfig,
-    handler: &H,
-    message: jetstream::Message,
-    abort: &CancellationToken,
-    turn: Turn,
-) {
-    let (delivery, stream_sequence) = match message.info() {
-        Ok(info) => (info.delivered, Some(info.stream_sequence)),
-        Err(_) => (1, None),
-    };
-    let attempt = Attempt {
-        delivery,
-        max_deliver: cfg.max_deliver,
-    };
-    // A long fan-out tells JetStream it is still working, so ack_wait does
-    // not hand the event to a second pod meanwhile.
-    let mut in_progress = tokio::time::interval(cfg.ack_wait / 3);
-    in_progress.tick().await;
-    let handling = handler.handle(
-        &message.payload,
-        message.headers.as_ref(),
-        attempt,
-        abort,
-        turn,
-    );
-    tokio::pin!(handling);
-    let decision = loop {
-        tokio::select! {
-            d = &mut handling => break d,
-            _ = in_progress.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::debug!(error = %e, stream_sequence, "in-progress ack not sent");
-                }
-            }
-        }
-    };
-    let decision = match decision {
-        Decision::Retry { reason, .. } => Decision::Retry {
-            delay: redelivery_delay(cfg, delivery),
-            reason,
-        },
-        Decision::DeadLetter { reason, last_error } => {
-            let info = DeadLetterInfo {
-                reason: &reason,
-                last_error: &last_error,
-                deliveries: delivery,
-                stream_sequence,
-                subject: message.subject.as_str(),
-            };
-            match dead_letter::publish(js, &cfg.dead_letter_topic, message.payload.clone(), &info)
-                .await
-            {
-                Ok(()) => Decision::DeadLetter { reason, last_error },
-                Err(e) => {
-                    tracing::error!(error = %e, stream_sequence, "dead letter not stored; the event will be redelivered");
-                    Decision::Retry {
-                        delay: cfg.retry_interval,
-                        reason: e.to_string(),
-                    }
-                }
-            }
-        }
-        d => d,
-    };
-    let kind = match &decision {
-        Decision::Ack | Decision::Duplicate => AckKind::Ack,
-        Decision::Retry { delay, .. } => AckKind::Nak(Some(*delay)),
-        Decision::HandBack => AckKind::Nak(None),
-        Decision::DeadLetter { .. } => AckKind::Term,
-    };
-    // A lost ack means a redelivery, which progress tracking makes safe.
-    if let Err(e) = message.ack_with(kind).await {
-        tracing::warn!(error = %e, stream_sequence, ?kind, "ack not sent; the event will be redelivered");
-    }
-    handler.decided(&decision);
 }
 
 #[cfg(test)]

@@ -79,6 +79,8 @@ pub struct Queued<T> {
     pub lane: Lane,
     /// When it was taken from NATS.
     pub since: Instant,
+    /// When NATS last heard about it (taken, or an in-progress ack).
+    pub touched: Instant,
 }
 
 /// The two lanes. Not shared: the intake loop owns it.
@@ -128,11 +130,13 @@ impl<T> LaneQueue<T> {
                 q
             }));
         }
+        let now = Instant::now();
         let queued = Queued {
             item,
             session,
             lane,
-            since: Instant::now(),
+            since: now,
+            touched: now,
         };
         match lane {
             Lane::High => self.high.push_back(queued),
@@ -146,13 +150,8 @@ impl<T> LaneQueue<T> {
     }
 
     /// Every waiting item, for in-progress acks.
-    pub fn iter(&self) -> impl Iterator<Item = &Queued<T>> {
-        self.high.iter().chain(self.normal.iter())
-    }
-
-    /// Empties both lanes (shutdown).
-    pub fn drain(&mut self) -> impl Iterator<Item = Queued<T>> + '_ {
-        self.high.drain(..).chain(self.normal.drain(..))
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Queued<T>> {
+        self.high.iter_mut().chain(self.normal.iter_mut())
     }
 }
 

@@ -5,10 +5,12 @@
 //! turns the result into a [`Decision`]; `dead_letter` parks what can never
 //! succeed on `resonance.push.dead.v1` with the reason in headers.
 
+mod attempts;
 pub mod core;
 pub mod dead_letter;
 pub mod jetstream;
 pub mod lanes;
+mod sweep;
 mod tally;
 
 use std::time::Duration;
@@ -20,6 +22,7 @@ use crate::backoff::Backoff;
 use crate::dispatch::{DispatchError, Dispatcher, FanoutReport, SessionOrder, Turn};
 use crate::proto::PushEvent;
 use crate::telemetry;
+pub use attempts::{FailedAttempts, failed_key};
 pub use lanes::{Lane, LaneRules};
 pub use tally::Tally;
 
@@ -52,6 +55,11 @@ pub trait Handle: Send + Sync + 'static {
 
     /// Counts and logs the decision once it is carried out.
     fn decided(&self, decision: &Decision);
+
+    /// The message is stored in the dead letters: keep what a replay needs.
+    fn dead_lettered(&self, _payload: &[u8]) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// What to do with a message once its handling is over.
@@ -62,37 +70,56 @@ pub enum Decision {
     /// The event had settled before (a redelivery or a duplicate publish):
     /// acked without pushing.
     Duplicate,
-    /// A dependency or gateway failed; redeliver after `delay`.
+    /// The attempt failed (a dependency or gateway): redeliver after
+    /// `delay`. Counts against `consumer.max_deliver`.
     Retry { delay: Duration, reason: String },
-    /// It can never succeed, or it ran out of deliveries.
+    /// It can never succeed, or it ran out of attempts.
     DeadLetter { reason: String, last_error: String },
-    /// Shutdown interrupted it: redeliver at once, to another pod.
-    HandBack,
+    /// Not a failure: redeliver after `delay` without spending an attempt
+    /// (shutdown hands it to another pod at once; another handler holding
+    /// the event is waited for).
+    HandBack { delay: Duration },
+}
+
+impl Decision {
+    /// Shutdown interrupted the message: redeliver at once, elsewhere.
+    pub const SHUTDOWN: Decision = Decision::HandBack {
+        delay: Duration::ZERO,
+    };
+
+    /// Turns a failed attempt into a dead letter once `failures` failed
+    /// attempts (this one included) reach `max_deliver`.
+    pub fn or_give_up(self, failures: i64, max_deliver: i64) -> Decision {
+        match self {
+            Decision::Retry { reason, .. } if failures >= max_deliver => Decision::DeadLetter {
+                reason: format!("gave up after {failures} failed attempts"),
+                last_error: reason,
+            },
+            d => d,
+        }
+    }
 }
 
 /// Where a message stands in its delivery history.
 #[derive(Debug, Clone, Copy)]
 pub struct Attempt {
-    /// 1 for the first delivery.
+    /// JetStream's delivery count, 1 for the first delivery; handbacks
+    /// count here too, so it is for logs, not for giving up.
     pub delivery: i64,
-    /// Deliveries allowed in all (`consumer.max_deliver`); the last one
-    /// dead-letters instead of retrying, since NATS would not redeliver.
-    pub max_deliver: i64,
 }
 
-/// The ack policy: a pure function of the dispatch result and the attempt.
-pub fn decide(
-    result: &Result<FanoutReport, DispatchError>,
-    attempt: Attempt,
-    retry_interval: Duration,
-) -> Decision {
+/// The ack policy: a pure function of the dispatch result. Giving up after
+/// too many failed attempts is the intake's part ([`Decision::or_give_up`]).
+pub fn decide(result: &Result<FanoutReport, DispatchError>, retry_interval: Duration) -> Decision {
     let reason = match result {
         Ok(report) if report.duplicate => return Decision::Duplicate,
-        // Never dead-lettered: the other handler settles it.
+        // Not a failure: the other handler settles it. Come back when its
+        // claim could have lapsed.
         Ok(report) if report.busy => {
-            return Decision::Retry {
-                delay: retry_interval,
-                reason: "another delivery of this event is being handled".into(),
+            return Decision::HandBack {
+                delay: report
+                    .busy_for
+                    .map_or(retry_interval, |left| left.max(BUSY_MIN_WAIT)),
             };
         }
         Ok(report) if report.is_settled() => return Decision::Ack,
@@ -114,12 +141,6 @@ pub fn decide(
         }
         Err(e) => e.to_string(),
     };
-    if attempt.delivery >= attempt.max_deliver {
-        return Decision::DeadLetter {
-            reason: format!("gave up after {} deliveries", attempt.delivery),
-            last_error: reason,
-        };
-    }
     Decision::Retry {
         delay: retry_interval,
         reason,
@@ -164,6 +185,9 @@ fn adopt_trace_context(event: &mut PushEvent, headers: &async_nats::HeaderMap) {
 fn handling_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
+
+/// The shortest wait for another handler's claim.
+const BUSY_MIN_WAIT: Duration = Duration::from_millis(100);
 
 /// First in-process retry delay; doubles per attempt up to `RETRY_CAP`.
 const RETRY_BASE: Duration = Duration::from_millis(100);
@@ -272,15 +296,19 @@ impl EventHandler {
         metrics::histogram!(telemetry::metrics::EVENT_AGE)
             .record(telemetry::metrics::seconds_since_ms(event.timestamp));
         let token = handling_token();
+        // The claim is renewed for as long as this handler lives, so no
+        // second delivery of the event pushes in parallel however long the
+        // fan-out takes.
         let result = tokio::select! {
             r = self.dispatch_with_retries(&event, &token, turn) => r,
+            _ = self.dispatcher.keep_claim(event.msg_id, &token) => unreachable!("keep_claim never ends"),
             _ = abort.cancelled() => {
                 tracing::warn!(msg_id = event.msg_id, session_id = %event.session_id, "shutdown grace over; handing the event back");
-                let _ = self.dispatcher.finish(event.msg_id, &token, false).await;
-                return Decision::HandBack;
+                self.dispatcher.let_claim_lapse(event.msg_id, &token).await;
+                return Decision::SHUTDOWN;
             }
         };
-        let decision = decide(&result, attempt, self.retry.retry_interval);
+        let decision = decide(&result, self.retry.retry_interval);
         if decision == Decision::Ack {
             metrics::histogram!(telemetry::metrics::PUBLISH_TO_ACK)
                 .record(telemetry::metrics::seconds_since_ms(event.timestamp));
@@ -309,7 +337,11 @@ impl EventHandler {
                 %reason,
                 "event will be redelivered"
             ),
-            Decision::HandBack => {}
+            Decision::HandBack { .. } => tracing::debug!(
+                msg_id = event.msg_id,
+                session_id = %event.session_id,
+                "another handler holds the event; handed back"
+            ),
             Decision::Duplicate => tracing::info!(
                 msg_id = event.msg_id,
                 session_id = %event.session_id,
@@ -359,6 +391,24 @@ impl Handle for EventHandler {
     fn decided(&self, decision: &Decision) {
         self.tally.decision(decision);
     }
+
+    /// Keeps the event's progress as long as its dead letter, so a replay
+    /// pushes only to the recipients it had not reached.
+    async fn dead_lettered(&self, payload: &[u8]) {
+        let Ok(event) = PushEvent::decode(payload) else {
+            return;
+        };
+        if event.msg_id <= 0 {
+            return;
+        }
+        if let Err(e) = self
+            .dispatcher
+            .keep_progress(event.msg_id, dead_letter::RETENTION)
+            .await
+        {
+            tracing::warn!(msg_id = event.msg_id, error = %e, "progress of a dead letter not kept; a replay may push to recipients already reached");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -369,13 +419,6 @@ mod tests {
 
     const RETRY: Duration = Duration::from_secs(5);
 
-    fn attempt(delivery: i64) -> Attempt {
-        Attempt {
-            delivery,
-            max_deliver: 3,
-        }
-    }
-
     fn report(failed: usize) -> FanoutReport {
         FanoutReport {
             members: 3,
@@ -385,6 +428,7 @@ mod tests {
             noticed: 1,
             duplicate: false,
             busy: false,
+            busy_for: None,
             already_delivered: 0,
             failed: (0..failed)
                 .map(|i| {
@@ -400,23 +444,23 @@ mod tests {
 
     #[test]
     fn settled_fan_out_is_acked() {
-        assert_eq!(decide(&Ok(report(0)), attempt(1), RETRY), Decision::Ack);
-        assert_eq!(decide(&Ok(report(0)), attempt(3), RETRY), Decision::Ack);
+        assert_eq!(decide(&Ok(report(0)), RETRY), Decision::Ack);
     }
 
     #[test]
-    fn failures_retry_until_the_last_delivery() {
-        match decide(&Ok(report(1)), attempt(2), RETRY) {
+    fn failures_retry_until_the_last_attempt() {
+        let failed = decide(&Ok(report(1)), RETRY);
+        match failed.clone().or_give_up(2, 3) {
             Decision::Retry { delay, reason } => {
                 assert_eq!(delay, RETRY);
                 assert!(reason.contains("g1"), "{reason}");
             }
             d => panic!("{d:?}"),
         }
-        match decide(&Ok(report(1)), attempt(3), RETRY) {
+        match failed.or_give_up(3, 3) {
             Decision::DeadLetter { reason, last_error } => {
                 assert!(last_error.contains("g1"), "{last_error}");
-                assert!(reason.contains("after 3 deliveries"), "{reason}")
+                assert!(reason.contains("after 3 failed attempts"), "{reason}")
             }
             d => panic!("{d:?}"),
         }
@@ -428,10 +472,13 @@ mod tests {
             busy: true,
             ..Default::default()
         };
-        assert!(matches!(
-            decide(&Ok(busy), attempt(3), RETRY),
-            Decision::Retry { .. }
-        ));
+        let decision = decide(&Ok(busy), RETRY);
+        assert_eq!(decision, Decision::HandBack { delay: RETRY });
+        assert_eq!(
+            decision.clone().or_give_up(99, 3),
+            decision,
+            "never given up"
+        );
     }
 
     #[test]
@@ -462,14 +509,14 @@ mod tests {
             duplicate: true,
             ..Default::default()
         };
-        assert_eq!(decide(&Ok(dup), attempt(3), RETRY), Decision::Duplicate);
+        assert_eq!(decide(&Ok(dup), RETRY), Decision::Duplicate);
     }
 
     #[test]
     fn invalid_events_dead_letter_at_once() {
         let invalid = Err(DispatchError::Invalid("session_id is empty".into()));
         assert!(matches!(
-            decide(&invalid, attempt(1), RETRY),
+            decide(&invalid, RETRY),
             Decision::DeadLetter { .. }
         ));
     }

@@ -48,14 +48,14 @@ impl Tally {
             Decision::Ack => "acked",
             Decision::Duplicate => "duplicate",
             Decision::Retry { .. } => "retried",
-            Decision::HandBack => "handed_back",
+            Decision::HandBack { .. } => "handed_back",
             Decision::DeadLetter { .. } => "dead_lettered",
         };
         metrics::counter!(crate::telemetry::metrics::EVENTS, "outcome" => outcome).increment(1);
         let c = match d {
             Decision::Ack => &self.0.acked,
             Decision::Duplicate => &self.0.duplicates,
-            Decision::Retry { .. } | Decision::HandBack => &self.0.retried,
+            Decision::Retry { .. } | Decision::HandBack { .. } => &self.0.retried,
             Decision::DeadLetter { .. } => &self.0.dead_lettered,
         };
         c.fetch_add(1, Ordering::Relaxed);

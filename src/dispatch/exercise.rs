@@ -1,6 +1,7 @@
 //! The I/O-free part of handling one payload, end to end, with its
 //! invariants checked: the size limit, the session id intake reads for
-//! ordering, decoding, validation, and planning the fan-out. The fuzz
+//! ordering, decoding, the event's age, validation, and planning the
+//! fan-out. The fuzz
 //! target (`fuzz/`) and a property test feed it arbitrary bytes; any
 //! panic is a finding.
 
@@ -49,6 +50,10 @@ pub fn exercise(payload: &[u8], limits: &LimitsConfig) -> Fate {
         event.session_id,
         "the quick session id read disagrees with the decoded event"
     );
+    // Intake records the event's age from its `timestamp` before
+    // validating anything: any i64 must do.
+    let age = crate::telemetry::metrics::seconds_since_ms(event.timestamp);
+    assert!(age >= 0.0, "negative event age {age}");
     if validate(&event, limits).is_err() {
         return Fate::Refused;
     }
@@ -135,11 +140,16 @@ mod tests {
     }
 
     fn valid(session: &str, from: &str, content: &str) -> Vec<u8> {
+        valid_at(session, from, content, 0)
+    }
+
+    fn valid_at(session: &str, from: &str, content: &str, timestamp: i64) -> Vec<u8> {
         PushEvent {
             msg_id: 7,
             session_id: session.into(),
             from_username: from.into(),
             content: content.into(),
+            timestamp,
             ..Default::default()
         }
         .encode_to_vec()
@@ -159,6 +169,12 @@ mod tests {
         );
         assert_eq!(exercise(&[0xff; 5000], &limits()), Fate::TooLarge);
         assert_eq!(exercise(&valid("s p", "a", ""), &limits()), Fate::Refused);
+        for timestamp in [i64::MIN, -1, i64::MAX] {
+            assert!(matches!(
+                exercise(&valid_at("s", "al", "al bob", timestamp), &limits()),
+                Fate::Planned { .. }
+            ));
+        }
     }
 
     proptest! {
@@ -180,8 +196,9 @@ mod tests {
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
             cut in any::<usize>(),
             tail in proptest::collection::vec(any::<u8>(), 0..40),
+            timestamp in any::<i64>(),
         ) {
-            let mut bytes = valid(&session, &from, &content);
+            let mut bytes = valid_at(&session, &from, &content, timestamp);
             exercise(&bytes, &limits());
             for (at, b) in flips {
                 let n = bytes.len().max(1);

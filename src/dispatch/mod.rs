@@ -59,6 +59,8 @@ pub struct FanoutReport {
     pub duplicate: bool,
     /// Another handler holds the event right now; nothing was pushed.
     pub busy: bool,
+    /// When busy: how long the other handler's claim has left.
+    pub busy_for: Option<std::time::Duration>,
     /// Recipients an earlier attempt already delivered (not pushed again).
     pub already_delivered: usize,
     /// Recipients a gateway confirmed (counted, not listed: a large group
@@ -266,6 +268,75 @@ impl Dispatcher {
         }
     }
 
+    /// Renews `token`'s claim on the event every third of its lease, for
+    /// as long as it is polled (never returns). A renewal that fails is
+    /// logged and tried again at the next tick.
+    pub async fn keep_claim(&self, msg_id: i64, token: &str) {
+        let Some(progress) = &self.progress else {
+            return std::future::pending().await;
+        };
+        let period = progress.lease_ttl() / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = progress.renew(msg_id, token, progress.lease_ttl()).await {
+                tracing::warn!(msg_id, error = %e, "claim not renewed; retrying at the next tick");
+            }
+        }
+    }
+
+    /// The handler of the event was stopped mid-way (shutdown): its pushes
+    /// already queued on gateway streams may still go out while the
+    /// process winds down, so the claim is not released but set to lapse
+    /// once they are answered or timed out (`gateway.request_timeout`
+    /// after the streams' drain allowance).
+    pub async fn let_claim_lapse(&self, msg_id: i64, token: &str) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let ttl = self.pool.request_timeout() + STREAM_DRAIN_ALLOWANCE;
+        if let Err(e) = progress.renew(msg_id, token, ttl).await {
+            tracing::debug!(msg_id, error = %e, "claim left to its own expiry");
+        }
+    }
+
+    /// Keeps an unsettled event's progress for `ttl`.
+    pub async fn keep_progress(
+        &self,
+        msg_id: i64,
+        ttl: std::time::Duration,
+    ) -> Result<(), RedisError> {
+        match &self.progress {
+            Some(p) => p.keep(msg_id, ttl).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records `users` as reached, retrying a failed write with backoff: a
+    /// reached recipient left unrecorded would be pushed again by the next
+    /// attempt.
+    async fn record_reached(&self, msg_id: i64, users: &[&str]) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let mut backoff = crate::backoff::Backoff::new(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_secs(1),
+        );
+        for attempt in 1..=PROGRESS_WRITES {
+            match progress.record(msg_id, users).await {
+                Ok(()) => return,
+                Err(e) if attempt == PROGRESS_WRITES => {
+                    tracing::warn!(msg_id, error = %e, recipients = users.len(), "delivery progress not recorded; a redelivery may repeat these pushes");
+                }
+                Err(e) => {
+                    tracing::debug!(msg_id, error = %e, attempt, "delivery progress not recorded; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
     /// Fans one event out to its session's members. `Err` means nothing was
     /// pushed (the event failed before any gateway was contacted); `Ok`
     /// reports every recipient. `token` names this handling in the event's
@@ -323,6 +394,7 @@ impl Dispatcher {
                 members: members.len(),
                 duplicate: progress.settled,
                 busy: !progress.settled,
+                busy_for: progress.busy_for,
                 ..Default::default()
             });
         }
@@ -377,7 +449,7 @@ impl Dispatcher {
         let reply = answer.wait().await;
         metrics::histogram!(telemetry::metrics::GATEWAY_ROUND_TRIP, "gateway_id" => gateway_id.clone())
             .record(sent.elapsed().as_secs_f64());
-        if let Some(progress) = &self.progress {
+        if self.progress.is_some() {
             let reached: Vec<&str> = reply
                 .recipients
                 .iter()
@@ -385,9 +457,7 @@ impl Dispatcher {
                 .filter(|(_, o)| **o == PushOutcome::Delivered)
                 .map(|(u, _)| u.as_str())
                 .collect();
-            if let Err(e) = progress.record(msg_id, &reached).await {
-                tracing::warn!(msg_id, error = %e, "delivery progress not recorded; a redelivery may repeat these pushes");
-            }
+            self.record_reached(msg_id, &reached).await;
         }
         (gateway_id, reply)
     }
@@ -408,11 +478,9 @@ impl Dispatcher {
         }
         let users: Vec<String> = report.offline.iter().map(|(u, _)| u.clone()).collect();
         let outcome = offline.settle(event, message, session_size, &users).await;
-        if let Some(progress) = &self.progress {
-            let settled = outcome.settled(&users);
-            if let Err(e) = progress.record(event.msg_id, &settled).await {
-                tracing::warn!(msg_id = event.msg_id, error = %e, "offline progress not recorded; a redelivery may park these again (harmless)");
-            }
+        if self.progress.is_some() {
+            self.record_reached(event.msg_id, &outcome.settled(&users))
+                .await;
         }
         report.parked += outcome.parked;
         report.noticed += outcome.noticed;
@@ -620,6 +688,14 @@ impl FanoutReport {
         count_deliveries("failed", gateway_id, failed);
     }
 }
+
+/// How long, after the grace period, a stopping pod's gateway streams may
+/// still write what was queued on them (the drain's own allowances).
+const STREAM_DRAIN_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes of one chunk's progress before giving up on it (about 2 s in
+/// all with the backoff between them).
+const PROGRESS_WRITES: u32 = 5;
 
 /// The gateway_id label of recipients no gateway was involved with.
 const NO_GATEWAY: &str = "none";

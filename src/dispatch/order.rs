@@ -89,19 +89,45 @@ impl Turn {
         }
     }
 
-    /// This event's pushes are written: the next event may go.
+    /// This event's pushes are written: the next event may go once the
+    /// previous one has gone too. An event that ends without waiting (a
+    /// duplicate, a dead letter, a failure before pushing) hands its
+    /// predecessor on, so its successor still waits for it.
     pub fn release(&mut self) {
-        if let Some(done) = self.done.take() {
-            let _ = done.send(());
-        }
-        if let Some(r) = self.release.take() {
-            let mut latest = r.order.latest.lock().expect("order lock");
-            if latest
-                .get(&r.session_id)
-                .is_some_and(|(g, _)| *g == r.generation)
-            {
-                latest.remove(&r.session_id);
+        let done = self.done.take();
+        let release = self.release.take();
+        let finish = move || {
+            if let Some(done) = done {
+                let _ = done.send(());
             }
+            if let Some(r) = release {
+                r.forget();
+            }
+        };
+        match (self.previous.take(), tokio::runtime::Handle::try_current()) {
+            (Some(previous), Ok(runtime)) => {
+                runtime.spawn(async move {
+                    // An error means the previous turn was dropped: done too.
+                    let _ = previous.await;
+                    finish();
+                });
+            }
+            // No runtime is left to wait on (it is shutting down): nothing
+            // is pushed any more either.
+            _ => finish(),
+        }
+    }
+}
+
+impl Release {
+    /// Drops the session's entry if this turn is still its latest.
+    fn forget(self) {
+        let mut latest = self.order.latest.lock().expect("order lock");
+        if latest
+            .get(&self.session_id)
+            .is_some_and(|(g, _)| *g == self.generation)
+        {
+            latest.remove(&self.session_id);
         }
     }
 }
@@ -163,6 +189,30 @@ mod tests {
             0,
             "released sessions are forgotten"
         );
+    }
+
+    #[tokio::test]
+    async fn a_turn_dropped_before_its_wait_still_holds_the_next_back() {
+        let order = SessionOrder::default();
+        let mut first = order.enter("s");
+        let skipped = order.enter("s");
+        let mut third = order.enter("s");
+        first.wait().await;
+        drop(skipped);
+        let waiting = tokio::spawn(async move {
+            third.wait().await;
+            third
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "third waits for first");
+        first.release();
+        drop(waiting.await.unwrap());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(order.pending_sessions(), 0);
     }
 
     #[tokio::test]

@@ -116,6 +116,8 @@ impl Drop for Pending {
 pub(crate) struct Group {
     pending: Pending,
     pub(crate) deadline: Instant,
+    /// The msg_id every answer must echo (per-user `PushService`).
+    msg_id: Option<i64>,
 }
 
 impl Group {
@@ -126,7 +128,17 @@ impl Group {
     ) -> Self {
         let mut pending = pending;
         pending.window = permits;
-        Self { pending, deadline }
+        Self {
+            pending,
+            deadline,
+            msg_id: None,
+        }
+    }
+
+    /// Answers to this group must echo `msg_id`.
+    pub(crate) fn for_message(mut self, msg_id: i64) -> Self {
+        self.msg_id = Some(msg_id);
+        self
     }
 
     fn send(self) {
@@ -174,7 +186,14 @@ impl Tracker for InFlight {
     type Response = PushMessageResponse;
 
     /// Empty `error` means delivered; anything else, not connected there.
+    /// An answer that echoes another msg_id than the oldest request's is
+    /// unexpected: matched by position, it would shift outcomes onto other
+    /// recipients, so the stream is torn down instead.
     fn answer(&mut self, response: PushMessageResponse) -> Result<(), Unexpected> {
+        let expected = self.groups.front().ok_or(Unexpected)?.msg_id;
+        if expected.is_some_and(|id| id != response.msg_id) {
+            return Err(Unexpected);
+        }
         self.record(if response.error.is_empty() {
             PushOutcome::Delivered
         } else {
@@ -304,6 +323,19 @@ mod tests {
         for o in &reply.outcomes[1..] {
             assert!(matches!(o, PushOutcome::Failed(f) if f.kind == FailureKind::Closed));
         }
+    }
+
+    #[test]
+    fn an_answer_for_another_message_is_unexpected() {
+        let (g, _rx) = group(2);
+        let mut inflight = InFlight::default();
+        inflight.push(g.for_message(7));
+        let answer = |msg_id| PushMessageResponse {
+            msg_id,
+            ..Default::default()
+        };
+        assert!(inflight.answer(answer(7)).is_ok());
+        assert_eq!(inflight.answer(answer(8)), Err(Unexpected));
     }
 
     proptest! {

@@ -122,6 +122,11 @@ impl GatewayPool {
     }
 
     /// Gateways with a stream task alive (open, or opening on demand).
+    /// How long a written push waits for its answer.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.inner.cfg.request_timeout
+    }
+
     pub fn open_streams(&self) -> usize {
         let streams = self.inner.streams.lock().expect("pool lock");
         streams.values().filter(|e| !e.commands.is_closed()).count()

@@ -312,7 +312,9 @@ impl Ledger {
                 .push(message.msg_id);
         }
         r.last_delivery_us = r.last_delivery_us.max(now_us);
-        let latency = (now_us - message.timestamp.saturating_mul(1000)).max(1) as u64;
+        let latency = now_us
+            .saturating_sub(message.timestamp.saturating_mul(1000))
+            .max(1) as u64;
         r.latency_us.saturating_record(latency);
         true
     }

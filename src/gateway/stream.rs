@@ -111,7 +111,8 @@ impl Wire for PerUser {
                 }
             })
             .collect();
-        inflight.push(Group::new(cmd.pending, deadline, Some(permits)));
+        let msg_id = cmd.message.msg_id;
+        inflight.push(Group::new(cmd.pending, deadline, Some(permits)).for_message(msg_id));
         requests
     }
 }
@@ -349,7 +350,9 @@ impl<W: Wire> GatewayStream<W> {
                 answered = true;
                 let mut guard = inflight.lock().expect("in-flight lock");
                 if guard.answer(response).is_err() {
-                    return Err(broken("gateway sent a response to no request".into()));
+                    return Err(broken(
+                        "gateway sent a response that answers no request (none waiting, or another msg_id)".into(),
+                    ));
                 }
                 if guard.is_empty() {
                     drained.notify_waiters();

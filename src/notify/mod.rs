@@ -137,6 +137,7 @@ pub fn consumer_config(config: &Config) -> ConsumerConfig {
         stream: config.offline.notice_stream.clone(),
         ack_wait: n.ack_wait,
         max_deliver: n.max_deliver,
+        delivery_ceiling: config.consumer.delivery_ceiling.max(n.max_deliver),
         stream_max_age: Duration::from_secs(24 * 3600),
         dead_letter_topic: n.dead_letter_topic.clone(),
         dead_letter_stream: n.dead_letter_stream.clone(),
@@ -294,17 +295,10 @@ impl Handle for NoticeHandler {
             };
             let sent = tokio::select! {
                 r = self.send_all(&notice) => r,
-                _ = abort.cancelled() => return Decision::HandBack,
+                _ = abort.cancelled() => return Decision::SHUTDOWN,
             };
             match sent {
                 Ok(()) => Decision::Ack,
-                Err(error) if attempt.delivery >= attempt.max_deliver => {
-                    tracing::warn!(msg_id = notice.msg_id, %error, "notice dead-lettered");
-                    Decision::DeadLetter {
-                        reason: format!("gave up after {} deliveries", attempt.delivery),
-                        last_error: error,
-                    }
-                }
                 Err(error) => {
                     tracing::warn!(msg_id = notice.msg_id, delivery = attempt.delivery, %error, "notice will be redelivered");
                     Decision::Retry {
@@ -320,7 +314,7 @@ impl Handle for NoticeHandler {
         let outcome = match decision {
             Decision::Ack | Decision::Duplicate => "acked",
             Decision::Retry { .. } => "retried",
-            Decision::HandBack => "handed_back",
+            Decision::HandBack { .. } => "handed_back",
             Decision::DeadLetter { .. } => "dead_lettered",
         };
         metrics::counter!(telemetry::metrics::NOTIFY, "provider" => "notice", "outcome" => outcome)
@@ -352,24 +346,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     crate::dispatch::offline::ensure_notice_stream(&js, &config.offline)
         .await
         .map_err(|e| NotifyError::Nats(e.to_string()))?;
+    let attempts = crate::consumer::FailedAttempts::new(redis.clone(), SENT_TTL);
     let handler = Arc::new(NoticeHandler::new(
         providers,
         redis,
         config.notify.max_retry,
     ));
     let cfg = consumer_config(&config);
-    let intake = crate::consumer::jetstream::run(
-        nats.clone(),
-        cfg.clone(),
-        handler,
-        crate::consumer::jetstream::Shutdown {
-            stop: life.cancel.clone(),
-            abort: life.abort.clone(),
-            readiness,
-        },
-        life.tracker.clone(),
-        cfg.worker_count,
-    );
+    let prefetch = crate::consumer::jetstream::Prefetch {
+        count: cfg.worker_count,
+        bytes: config.priority.prefetch_bytes,
+    };
+    let intake =
+        crate::consumer::jetstream::Intake::new(nats.clone(), cfg.clone(), handler, attempts).run(
+            crate::consumer::jetstream::Shutdown {
+                stop: life.cancel.clone(),
+                abort: life.abort.clone(),
+                readiness,
+            },
+            life.tracker.clone(),
+            prefetch,
+        );
     tokio::pin!(intake);
     tokio::select! {
         _ = &mut intake => {}

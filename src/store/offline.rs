@@ -4,13 +4,18 @@
 //!
 //! `resonance:offline:{username}` is a sorted set per user. Each entry is the
 //! gateway `PushMessage` the user would have been pushed (protobuf bytes,
-//! `to_username` set to the user), scored by the event's `seq_id`. Parking
-//! is `ZADD NX`: the bytes of one msg_id for one user are always the same,
-//! so parking a redelivered event again adds nothing. Each park trims the
-//! set to its newest `offline.max_messages` entries and renews its TTL.
-//! Draining is `ZPOPMIN`: atomic, lowest `seq_id` first, and two concurrent
-//! drains never get the same entry. Every command names one key, so the
-//! layout works on Redis Cluster unchanged.
+//! `to_username` set to the user), scored by when it was parked (unix
+//! microseconds on the parking pod's clock, strictly increasing within a
+//! pod). Parking is `ZADD NX`: the bytes
+//! of one msg_id for one user are always the same, so parking a
+//! redelivered event again adds nothing (and keeps its first arrival). Each
+//! park trims the set to its newest `offline.max_messages` entries by
+//! arrival, so the message just parked always stays whatever its session's
+//! `seq_id`s, and renews the TTL. Draining is `ZPOPMIN`: atomic, oldest
+//! first, and two concurrent drains never get the same entry; each drained
+//! batch is put in `seq_id` order within every session (sessions keep the
+//! places their messages had). Every command names one key, so the layout
+//! works on Redis Cluster unchanged.
 //!
 //! `resonance:notice:{username}` marks a user who was sent an offline notice
 //! recently (`SET NX PX`), so a busy group does not flood one phone.
@@ -68,6 +73,7 @@ impl OfflineStore {
     ) -> Result<Parked, RedisError> {
         let ttl_ms = self.ttl.as_millis() as i64;
         let keep = -(self.max_messages as i64) - 1;
+        let arrival = arrival_score();
         let mut entry = message.clone();
         let groups = users
             .iter()
@@ -77,7 +83,7 @@ impl OfflineStore {
                 let mut add = redis::cmd("ZADD");
                 add.arg(&key)
                     .arg("NX")
-                    .arg(message.seq_id)
+                    .arg(arrival)
                     .arg(entry.encode_to_vec());
                 let mut trim = redis::cmd("ZREMRANGEBYRANK");
                 trim.arg(&key).arg(0).arg(keep);
@@ -86,19 +92,29 @@ impl OfflineStore {
                 vec![add, trim, expire]
             })
             .collect();
-        let answers = self.redis.per_key(groups).await?;
-        let added = answers
-            .iter()
-            .filter(|a| matches!(a, Value::Int(n) if *n > 0))
-            .count();
+        let answers = self.redis.per_key_all(groups).await?;
+        let count = |i: usize| -> usize {
+            answers
+                .iter()
+                .map(|a| match a.get(i) {
+                    Some(Value::Int(n)) if *n > 0 => *n as usize,
+                    _ => 0,
+                })
+                .sum()
+        };
+        let (added, trimmed) = (count(0), count(1));
+        if trimmed > 0 {
+            metrics::counter!(crate::telemetry::metrics::OFFLINE_TRIMMED).increment(trimmed as u64);
+        }
         Ok(Parked {
             added,
             already: users.len() - added,
         })
     }
 
-    /// Takes up to `max` of `username`'s parked messages, lowest `seq_id`
-    /// first, and removes them. Concurrent callers get disjoint messages.
+    /// Takes up to `max` of `username`'s parked messages, oldest first, and
+    /// removes them; within each session they come in `seq_id` order.
+    /// Concurrent callers get disjoint messages.
     pub async fn pull(&self, username: &str, max: usize) -> Result<Vec<PushMessage>, RedisError> {
         if max == 0 {
             return Ok(Vec::new());
@@ -106,7 +122,7 @@ impl OfflineStore {
         let mut pop = redis::cmd("ZPOPMIN");
         pop.arg(offline_key(username)).arg(max);
         let popped: Vec<(Vec<u8>, f64)> = self.redis.query(&pop).await?;
-        Ok(popped
+        let mut messages: Vec<PushMessage> = popped
             .into_iter()
             .filter_map(|(bytes, _)| match PushMessage::decode(bytes.as_slice()) {
                 Ok(m) => Some(m),
@@ -115,7 +131,9 @@ impl OfflineStore {
                     None
                 }
             })
-            .collect())
+            .collect();
+        order_within_sessions(&mut messages);
+        Ok(messages)
     }
 
     /// How many messages `username` has parked.
@@ -166,9 +184,70 @@ impl OfflineStore {
     }
 }
 
+/// Unix microseconds now, but always above the previous call's answer, so
+/// messages parked one after another by this process never tie (a tie
+/// would be ordered by the bytes, not by arrival). Exact in Redis's
+/// doubles until the year 2255.
+fn arrival_score() -> i64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64;
+    let previous = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(now.max(last + 1))
+        })
+        .expect("the update always succeeds");
+    now.max(previous + 1)
+}
+
+/// Puts each session's messages in `seq_id` order, in the places that
+/// session's messages already hold: arrivals from pods whose clocks differ
+/// a little cannot reorder a session.
+fn order_within_sessions(messages: &mut [PushMessage]) {
+    let mut by_session: std::collections::HashMap<String, Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, m) in messages.iter().enumerate() {
+        by_session.entry(m.session_id.clone()).or_default().push(i);
+    }
+    for places in by_session.into_values() {
+        let mut group: Vec<PushMessage> = places
+            .iter()
+            .map(|&i| std::mem::take(&mut messages[i]))
+            .collect();
+        group.sort_by_key(|m| m.seq_id);
+        for (place, m) in places.into_iter().zip(group) {
+            messages[place] = m;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Each session's messages come out in seq_id order, and every
+        /// session keeps the places its messages had.
+        #[test]
+        fn sessions_are_ordered_in_place(items in proptest::collection::vec((0u8..4, 0i64..50), 0..40)) {
+            let mut messages: Vec<PushMessage> = items
+                .iter()
+                .map(|(s, seq)| PushMessage { session_id: s.to_string(), seq_id: *seq, ..Default::default() })
+                .collect();
+            let sessions_before: Vec<String> = messages.iter().map(|m| m.session_id.clone()).collect();
+            order_within_sessions(&mut messages);
+            let sessions_after: Vec<String> = messages.iter().map(|m| m.session_id.clone()).collect();
+            prop_assert_eq!(sessions_before, sessions_after);
+            for s in 0..4u8 {
+                let seqs: Vec<i64> = messages.iter().filter(|m| m.session_id == s.to_string()).map(|m| m.seq_id).collect();
+                prop_assert!(seqs.windows(2).all(|w| w[0] <= w[1]));
+            }
+        }
+    }
 
     #[test]
     fn keys_follow_the_documented_layout() {

@@ -13,10 +13,13 @@
 //! is acked without pushing.
 //!
 //! `resonance:task:{<msg_id>}:lease` is a claim: whoever handles the event
-//! sets it (NX, with a TTL), so two deliveries of one event (a NATS restart
-//! that rolls consumer state back, an ack_wait that ran out) are never fanned
-//! out at the same time; the second one is handed back and finds the event
-//! settled, or its progress, when it comes again.
+//! sets it (NX, with a TTL of ack_wait) and renews it while it runs, so two
+//! deliveries of one event (a publisher's repeat, a NATS restart that rolls
+//! consumer state back, an ack_wait that ran out) are never fanned out at
+//! the same time, however long the fan-out takes; the second one is handed
+//! back and finds the event settled, or its progress, when it comes again.
+//! A dead-lettered event keeps its progress as long as its dead letter, so
+//! a replay pushes only to whom it had not reached.
 //!
 //! All keys share the `{msg_id}` hash tag, so they live in one Redis Cluster
 //! slot and pipeline together: claiming and reading progress is one round
@@ -42,6 +45,9 @@ pub fn lease_key(msg_id: i64) -> String {
 /// Deletes the lease only if it is still ours.
 const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
+/// Extends the lease only if it is still ours.
+const RENEW: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+
 /// What is known about an event before its fan-out.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -49,6 +55,9 @@ pub struct Progress {
     pub settled: bool,
     /// Another handler holds the event right now.
     pub busy: bool,
+    /// When busy: how long the other handler's claim has left (`None` for
+    /// a claim with no expiry).
+    pub busy_for: Option<Duration>,
     /// Recipients already delivered by an earlier attempt.
     pub delivered: HashSet<String>,
 }
@@ -88,14 +97,47 @@ impl ProgressStore {
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64)
             .exists(settled_key(msg_id))
-            .get(delivered_key(msg_id));
-        let (claimed, settled, delivered): (Option<String>, bool, Option<Vec<u8>>) =
-            self.redis.pipeline(&pipe).await?;
+            .get(delivered_key(msg_id))
+            .pttl(lease_key(msg_id));
+        let (claimed, settled, delivered, lease_left): (
+            Option<String>,
+            bool,
+            Option<Vec<u8>>,
+            i64,
+        ) = self.redis.pipeline(&pipe).await?;
+        let busy = claimed.is_none();
         Ok(Progress {
             settled,
-            busy: claimed.is_none(),
+            busy,
+            busy_for: (busy && lease_left >= 0).then(|| Duration::from_millis(lease_left as u64)),
             delivered: delivered.map(|d| parse_names(&d)).unwrap_or_default(),
         })
+    }
+
+    /// How long a claim lasts without renewal.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// Sets `token`'s claim to expire `ttl` from now; `false` when the
+    /// claim is not (or no longer) `token`'s.
+    pub async fn renew(&self, msg_id: i64, token: &str, ttl: Duration) -> Result<bool, RedisError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RENEW)
+            .arg(1)
+            .arg(lease_key(msg_id))
+            .arg(token)
+            .arg(ttl.as_millis().max(1) as u64);
+        let renewed: i64 = self.redis.query(&cmd).await?;
+        Ok(renewed == 1)
+    }
+
+    /// Keeps an unsettled event's progress for `ttl` from now (a dead
+    /// letter's, for as long as it may be replayed).
+    pub async fn keep(&self, msg_id: i64, ttl: Duration) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("PEXPIRE");
+        cmd.arg(delivered_key(msg_id)).arg(ttl.as_millis() as u64);
+        self.redis.query::<i64>(&cmd).await.map(|_| ())
     }
 
     /// Records recipients a gateway confirmed.

@@ -209,37 +209,49 @@ impl RedisClient {
     }
 
     /// Runs groups of commands, each group about one key, and returns each
-    /// group's first answer (the rest are ignored). On a standalone server
-    /// all groups go in one pipelined round trip; on a cluster each group is
-    /// its own pipeline (its key decides the node), many in flight at once.
+    /// group's first answer (the rest are ignored). See
+    /// [`RedisClient::per_key_all`].
     pub async fn per_key(&self, groups: Vec<Vec<Cmd>>) -> Result<Vec<redis::Value>, RedisError> {
+        Ok(self
+            .per_key_all(groups)
+            .await?
+            .into_iter()
+            .map(|answers| answers.into_iter().next().unwrap_or(redis::Value::Nil))
+            .collect())
+    }
+
+    /// Runs groups of commands, each group about one key, and returns every
+    /// answer, group by group. On a standalone server all groups go in one
+    /// pipelined round trip; on a cluster each group is its own pipeline
+    /// (its key decides the node), many in flight at once.
+    pub async fn per_key_all(
+        &self,
+        groups: Vec<Vec<Cmd>>,
+    ) -> Result<Vec<Vec<redis::Value>>, RedisError> {
         fn pipeline_of(groups: impl IntoIterator<Item = Vec<Cmd>>) -> Pipeline {
             let mut pipe = redis::pipe();
-            for group in groups {
-                for (i, cmd) in group.into_iter().enumerate() {
-                    pipe.add_command(cmd);
-                    if i > 0 {
-                        pipe.ignore();
-                    }
-                }
+            for cmd in groups.into_iter().flatten() {
+                pipe.add_command(cmd);
             }
             pipe
         }
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
         match &self.handle {
             Handle::Standalone(_) => {
-                if groups.is_empty() {
-                    return Ok(Vec::new());
-                }
-                self.pipeline(&pipeline_of(groups)).await
+                let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+                let flat: Vec<redis::Value> = self.pipeline(&pipeline_of(groups)).await?;
+                let mut flat = flat.into_iter();
+                Ok(sizes
+                    .into_iter()
+                    .map(|n| flat.by_ref().take(n).collect())
+                    .collect())
             }
             Handle::Cluster(_) => {
                 use futures::StreamExt;
                 futures::stream::iter(groups)
-                    .map(|group| async move {
-                        let mut answer: Vec<redis::Value> =
-                            self.pipeline(&pipeline_of([group])).await?;
-                        Ok(answer.pop().unwrap_or(redis::Value::Nil))
-                    })
+                    .map(|group| async move { self.pipeline(&pipeline_of([group])).await })
                     .buffered(CLUSTER_GROUPS_IN_FLIGHT)
                     .collect::<Vec<Result<_, RedisError>>>()
                     .await

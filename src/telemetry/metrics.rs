@@ -36,6 +36,13 @@ pub const CONSUMER_ACK_PENDING: &str = "resonance_task_consumer_ack_pending";
 /// Offline recipients by outcome: parked, already_parked, read_path
 /// (session too large to park per member), failed.
 pub const OFFLINE: &str = "resonance_task_offline_total";
+/// Messages JetStream stopped redelivering, moved to the dead letters.
+pub const MAX_DELIVERIES_RESCUED: &str = "resonance_task_max_deliveries_total";
+/// Messages the consumer left behind in the work queue, published again.
+pub const REQUEUED: &str = "resonance_task_requeued_total";
+/// Parked messages dropped to keep a user within `offline.max_messages`
+/// (oldest arrival first).
+pub const OFFLINE_TRIMMED: &str = "resonance_task_offline_trimmed_total";
 /// Offline notices by outcome: published, rate_limited, failed (per
 /// recipient).
 pub const OFFLINE_NOTICES: &str = "resonance_task_offline_notices_total";
@@ -110,6 +117,18 @@ pub fn describe() {
     describe_gauge!(CONSUMER_ACK_PENDING, "Events delivered but not yet acked");
     describe_counter!(RECONNECTS, "Reconnects by dependency");
     describe_counter!(OFFLINE, "Offline recipients by outcome");
+    describe_counter!(
+        REQUEUED,
+        "Messages left behind below the consumer's ack floor, published to the work queue again"
+    );
+    describe_counter!(
+        MAX_DELIVERIES_RESCUED,
+        "Messages JetStream stopped redelivering (consumer.delivery_ceiling), moved to the dead letters"
+    );
+    describe_counter!(
+        OFFLINE_TRIMMED,
+        "Parked messages dropped by offline.max_messages, oldest arrival first"
+    );
     describe_counter!(OFFLINE_NOTICES, "Offline notice recipients by outcome");
     describe_counter!(LANE_EVENTS, "Events taken from NATS by priority lane");
     describe_gauge!(LANE_QUEUED, "Events waiting for a worker by priority lane");
@@ -123,5 +142,5 @@ pub fn describe() {
 
 /// Seconds since a unix-millisecond timestamp (0 for one in the future).
 pub fn seconds_since_ms(timestamp_ms: i64) -> f64 {
-    ((crate::tools::now_ms() - timestamp_ms).max(0) as f64) / 1000.0
+    (crate::tools::now_ms().saturating_sub(timestamp_ms).max(0) as f64) / 1000.0
 }

@@ -6,9 +6,14 @@
 //! gateways and two task pods as separate processes of this binary, then
 //! publishes a steady workload while, in turn, it SIGKILLs a pod (and starts
 //! a new one), restarts NATS, Redis and etcd, cuts SQL, restarts one gateway
-//! and stalls another; poison and oversize payloads are mixed in. At the end
-//! it compares what the gateways received with what was expected and what
-//! the dead-letter stream holds.
+//! and stalls another, and, while a stalled gateway keeps a backlog in the
+//! pods, SIGTERMs every pod in turn as a rolling deploy does; poison and
+//! oversize payloads are mixed in. Pods and gateways run on the shipped
+//! defaults: the configuration names only where the servers are. At the
+//! end it audits the work queue (empty, nothing pending or unacked) and
+//! compares what the gateways received with what was expected and what the
+//! dead-letter stream holds: every event delivered to every online member
+//! or dead-lettered with a reason.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -75,22 +80,37 @@ pub struct ChaosReport {
     pub poison_dead_lettered: usize,
     /// Dead letters holding a valid workload event (should be none).
     pub valid_dead_lettered: usize,
+    /// Published events (valid or poison) neither delivered to every
+    /// online member nor in the dead letters.
+    pub stranded: u64,
+    /// Messages left in the work-queue stream at the end.
+    pub stream_left: u64,
+    /// The durable consumer's num_pending and num_ack_pending at the end.
+    pub consumer_pending: u64,
+    pub consumer_ack_pending: u64,
+    /// Pods stopped with SIGTERM (and replaced) while a backlog waited.
+    pub rolling_restarts: usize,
     pub faults_injected: usize,
     pub faults: Vec<String>,
     pub elapsed_s: f64,
 }
 
 impl ChaosReport {
-    /// Lost nothing, and every poison payload was dead-lettered.
+    /// Lost and stranded nothing, the work queue is empty, and every
+    /// poison payload, and no valid event, was dead-lettered.
     pub fn passed(&self) -> bool {
         self.lost == 0
+            && self.stranded == 0
+            && self.stream_left == 0
+            && self.consumer_pending == 0
+            && self.consumer_ack_pending == 0
             && self.poison_dead_lettered as u64 == self.poison_injected
             && self.valid_dead_lettered == 0
     }
 
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "events published      {}\nexpected deliveries   {}\ndelivered             {}\nlost                  {}\nduplicates            {} ({:.4}%)\nunexpected            {}\ndead-lettered         {} ({} of {} poison payloads, {} valid events)\nfaults injected       {}\nwall time             {:.1} s\n",
+            "events published      {}\nexpected deliveries   {}\ndelivered             {}\nlost                  {}\nduplicates            {} ({:.4}%)\nunexpected            {}\ndead-lettered         {} ({} of {} poison payloads, {} valid events)\nstranded              {}\naudit                 stream holds {}, consumer pending {}, unacked {}\nrolling restarts      {}\nfaults injected       {}\nwall time             {:.1} s\n",
             self.events,
             self.expected,
             self.delivered,
@@ -102,6 +122,11 @@ impl ChaosReport {
             self.poison_dead_lettered,
             self.poison_injected,
             self.valid_dead_lettered,
+            self.stranded,
+            self.stream_left,
+            self.consumer_pending,
+            self.consumer_ack_pending,
+            self.rolling_restarts,
             self.faults_injected,
             self.elapsed_s
         );
@@ -183,7 +208,10 @@ async fn admin(url: &str, sql: &str) -> Result<(), ChaosError> {
     Ok(())
 }
 
-/// Environment that points a pod or gateway process at the run's servers.
+/// Environment that points a pod or gateway process at the run's servers:
+/// where they are, and nothing else (every other setting is the shipped
+/// default; the admin port is left to the OS so several pods share a
+/// machine).
 pub(crate) fn env_for(config: &Config) -> Vec<(String, String)> {
     let c = config;
     [
@@ -191,15 +219,6 @@ pub(crate) fn env_for(config: &Config) -> Vec<(String, String)> {
         ("ETCD__ENDPOINTS", c.etcd.endpoints.join(",")),
         ("REDIS__ADDR", c.redis.addr.clone()),
         ("DATABASE__URL", c.database.url.expose().to_string()),
-        ("DATABASE__ACQUIRE_TIMEOUT", "2s".into()),
-        ("CONSUMER__ACK_WAIT", "5s".into()),
-        ("CONSUMER__RETRY_INTERVAL", "500ms".into()),
-        ("CONSUMER__RETRY_BACKOFF_MAX", "3s".into()),
-        ("CONSUMER__MAX_DELIVER", "50".into()),
-        ("CONSUMER__SHUTDOWN_GRACE", "5s".into()),
-        ("GATEWAY__REQUEST_TIMEOUT", "2s".into()),
-        ("GATEWAY__MAX_BACKOFF", "1s".into()),
-        ("REGISTRY__DEFAULT_TTL", "10s".into()),
         ("LOG__LEVEL", "info".into()),
         ("ADMIN__LISTEN", "127.0.0.1:0".into()),
     ]
@@ -520,6 +539,9 @@ async fn run_with(
         tokio::time::sleep(opts.gateway_stall).await;
         stack::signal(pid, "CONT").map_err(setup)?;
     }
+    tokio::time::sleep(gap).await;
+    let rolling_restarts =
+        rolling_restart(opts, &env, &mut pods, &gateway_processes[1], &mut fault).await?;
 
     publisher.await.map_err(setup)?;
     eprintln!(
@@ -531,6 +553,7 @@ async fn run_with(
     let last = expectation.wait(&stats, opts.settle_timeout).await?;
     let received = expectation.compare(&last);
 
+    let audit = audit(&js, &config, opts.settle_timeout).await?;
     let letters = dlq::list(&js, &config.consumer).await.map_err(setup)?;
     // A publish retried across the NATS restart can be stored twice, so
     // count distinct payloads.
@@ -547,6 +570,13 @@ async fn run_with(
                 .is_some_and(|id| id >= base && id < base + opts.events as i64)
         })
         .count();
+    let dead_ids: HashSet<i64> = letters.iter().filter_map(|l| l.msg_id).collect();
+    let stranded = expectation
+        .incomplete(&last)
+        .into_iter()
+        .filter(|id| !dead_ids.contains(id))
+        .count() as u64
+        + (poison_injected.load(Ordering::Relaxed) - found.len() as u64);
     for pod in &mut pods {
         pod.stop().await;
     }
@@ -571,10 +601,97 @@ async fn run_with(
         poison_injected: poison_injected.load(Ordering::Relaxed),
         poison_dead_lettered: found.len(),
         valid_dead_lettered,
+        stranded,
+        stream_left: audit.stream_left,
+        consumer_pending: audit.pending,
+        consumer_ack_pending: audit.ack_pending,
+        rolling_restarts,
         faults_injected: faults.len(),
         faults,
         elapsed_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     })
+}
+
+/// The work queue at the end of a run.
+struct Audit {
+    stream_left: u64,
+    pending: u64,
+    ack_pending: u64,
+}
+
+/// Waits (up to `patience`) for the work queue to empty and the consumer
+/// to have nothing pending or unacked, then reads what is left.
+async fn audit(
+    js: &jetstream::Context,
+    config: &Config,
+    patience: Duration,
+) -> Result<Audit, ChaosError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let mut stream = js
+            .get_stream(&config.consumer.stream)
+            .await
+            .map_err(setup)?;
+        let stream_left = stream.info().await.map_err(setup)?.state.messages;
+        let mut consumer = stream
+            .get_consumer::<jetstream::consumer::pull::Config>(&config.consumer.queue_group)
+            .await
+            .map_err(setup)?;
+        let info = consumer.info().await.map_err(setup)?;
+        let audit = Audit {
+            stream_left,
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+        };
+        let empty = audit.stream_left == 0 && audit.pending == 0 && audit.ack_pending == 0;
+        if empty || tokio::time::Instant::now() >= deadline {
+            return Ok(audit);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A rolling deploy with a backlog: for every running pod in turn,
+/// `stalled` is stopped so events pile up in the pods, the pod is
+/// SIGTERMed, the gateway resumes, and the pod is waited for (it hands its
+/// backlog back) and replaced. Returns how many were restarted.
+async fn rolling_restart(
+    opts: &ChaosOptions,
+    env: &[(String, String)],
+    pods: &mut Vec<LocalServer>,
+    stalled: &LocalServer,
+    fault: &mut impl FnMut(String),
+) -> Result<usize, ChaosError> {
+    // A pod exits within its grace period plus the hand-back allowances.
+    let exit_within = Config::default().consumer.shutdown_grace + Duration::from_secs(30);
+    let gateway = stalled
+        .pid()
+        .ok_or_else(|| setup("gateway-002 is not running"))?;
+    let mut restarted = 0;
+    let running: Vec<usize> = (0..pods.len())
+        .filter(|&i| pods[i].pid().is_some())
+        .collect();
+    for i in running {
+        let pod = pods[i].pid().expect("running");
+        stack::signal(gateway, "STOP").map_err(setup)?;
+        tokio::time::sleep(opts.gateway_stall).await;
+        fault(format!(
+            "rolling restart: SIGTERM pod {} while gateway-002 stalls, start a new one",
+            i + 1
+        ));
+        stack::signal(pod, "TERM").map_err(setup)?;
+        stack::signal(gateway, "CONT").map_err(setup)?;
+        if !pods[i].stop_within(exit_within).await {
+            return Err(setup(format!(
+                "pod {} did not exit within {exit_within:?} of SIGTERM",
+                i + 1
+            )));
+        }
+        let n = pods.len() + 1;
+        pods.push(start_pod(opts, env, n).await?);
+        restarted += 1;
+    }
+    Ok(restarted)
 }
 
 #[cfg(test)]

@@ -199,19 +199,28 @@ impl LocalServer {
 
     /// SIGTERMs the process and waits for it to exit (SIGKILL after 10 s).
     pub async fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(10)).await;
+    }
+
+    /// SIGTERMs the process and waits up to `patience` for it to exit;
+    /// `false` when it had to be SIGKILLed.
+    pub async fn stop_within(&mut self, patience: Duration) -> bool {
         let Some(mut c) = self.child.take() else {
-            return;
+            return true;
         };
         let _ = signal(c.id(), "TERM");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut exited = true;
         while c.try_wait().ok().flatten().is_none() {
             if tokio::time::Instant::now() >= deadline {
                 let _ = c.kill();
+                exited = false;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = c.wait();
+        exited
     }
 
     pub async fn restart(&mut self) -> Result<(), StackError> {

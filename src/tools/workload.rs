@@ -228,6 +228,21 @@ impl Expectation {
         r
     }
 
+    /// The msg_ids some online member of which did not receive.
+    pub fn incomplete(&self, stats: &[GatewayStats]) -> Vec<i64> {
+        let mut got: HashMap<i64, u64> = HashMap::new();
+        for s in stats {
+            for (msg_id, c) in &s.per_msg {
+                *got.entry(*msg_id).or_default() += c.users;
+            }
+        }
+        self.by_msg
+            .iter()
+            .filter(|(id, want)| got.get(id).copied().unwrap_or(0) < **want)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Polls the gateways until every expected delivery arrived, or nothing
     /// new arrived for `settle_timeout`. Returns the last stats.
     pub async fn wait(
