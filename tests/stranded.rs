@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use resonance_task::config::Config;
-use resonance_task::gateway::reference::ReferenceGateway;
 use resonance_task::tools::dlq;
 
 use common::*;
@@ -45,9 +44,9 @@ async fn rolling_restarts_with_a_backlog_strand_nothing() {
     let store = stack.db.member_store().await;
     let members = users(10);
     let held: Vec<&str> = members.iter().map(String::as_str).collect();
-    let mut opts = stack.gateway_options("gateway-001", &held);
-    opts.reply_delay = Duration::from_millis(150);
-    let g1 = ReferenceGateway::start(opts).await.unwrap();
+    let g1 = stack
+        .slow_gateway("gateway-001", &held, Duration::from_millis(150), true)
+        .await;
     stack.session(&store, "s", &held).await;
     let mut config = stack.config();
     config.consumer.worker_count = 2;
@@ -96,9 +95,9 @@ async fn rolling_restarts_with_a_backlog_strand_nothing() {
 async fn shutdown_during_a_nats_outage_is_bounded() {
     let mut stack = Stack::start().await;
     let store = stack.db.member_store().await;
-    let mut opts = stack.gateway_options("gateway-001", &["a", "b"]);
-    opts.reply_delay = Duration::from_millis(200);
-    let g1 = ReferenceGateway::start(opts).await.unwrap();
+    let g1 = stack
+        .slow_gateway("gateway-001", &["a", "b"], Duration::from_millis(200), true)
+        .await;
     stack.session(&store, "g", &["a", "b"]).await;
     let mut config = stack.config();
     config.consumer.worker_count = 1;
@@ -208,10 +207,9 @@ async fn a_long_fan_out_keeps_its_claim() {
     let store = stack.db.member_store().await;
     let members = users(400);
     let held: Vec<&str> = members.iter().map(String::as_str).collect();
-    let mut opts = stack.gateway_options("gateway-001", &held);
-    opts.batch = false;
-    opts.reply_delay = Duration::from_secs(1);
-    let g1 = ReferenceGateway::start(opts).await.unwrap();
+    let g1 = stack
+        .slow_gateway("gateway-001", &held, Duration::from_secs(1), false)
+        .await;
     stack.session(&store, "big", &held).await;
     let mut config = stack.config();
     config.consumer.ack_wait = Duration::from_secs(10);
@@ -249,10 +247,9 @@ async fn an_event_that_ends_early_keeps_its_place() {
     let store = stack.db.member_store().await;
     let members = users(12);
     let held: Vec<&str> = members.iter().map(String::as_str).collect();
-    let mut opts = stack.gateway_options("gateway-001", &held);
-    opts.batch = false;
-    opts.reply_delay = Duration::from_millis(100);
-    let g1 = ReferenceGateway::start(opts).await.unwrap();
+    let g1 = stack
+        .slow_gateway("gateway-001", &held, Duration::from_millis(100), false)
+        .await;
     stack.session(&store, "s", &held).await;
     let mut config = stack.config();
     config.gateway.max_in_flight = 2;
@@ -291,9 +288,9 @@ async fn an_event_that_ends_early_keeps_its_place() {
 async fn waiting_events_are_not_redelivered() {
     let stack = Stack::start().await;
     let store = stack.db.member_store().await;
-    let mut opts = stack.gateway_options("gateway-001", &["a", "b"]);
-    opts.reply_delay = Duration::from_millis(400);
-    let g1 = ReferenceGateway::start(opts).await.unwrap();
+    let g1 = stack
+        .slow_gateway("gateway-001", &["a", "b"], Duration::from_millis(400), true)
+        .await;
     stack.session(&store, "g", &["a", "b"]).await;
     let mut config = stack.config();
     config.consumer.worker_count = 1;

@@ -90,6 +90,9 @@ pub struct ChaosReport {
     pub consumer_ack_pending: u64,
     /// Pods stopped with SIGTERM (and replaced) while a backlog waited.
     pub rolling_restarts: usize,
+    /// Duplicates the gateways had seen when the rolling restarts began
+    /// (what the other faults caused).
+    pub duplicates_before_rolling_restarts: u64,
     pub faults_injected: usize,
     pub faults: Vec<String>,
     pub elapsed_s: f64,
@@ -110,7 +113,7 @@ impl ChaosReport {
 
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "events published      {}\nexpected deliveries   {}\ndelivered             {}\nlost                  {}\nduplicates            {} ({:.4}%)\nunexpected            {}\ndead-lettered         {} ({} of {} poison payloads, {} valid events)\nstranded              {}\naudit                 stream holds {}, consumer pending {}, unacked {}\nrolling restarts      {}\nfaults injected       {}\nwall time             {:.1} s\n",
+            "events published      {}\nexpected deliveries   {}\ndelivered             {}\nlost                  {}\nduplicates            {} ({:.4}%)\nunexpected            {}\ndead-lettered         {} ({} of {} poison payloads, {} valid events)\nstranded              {}\naudit                 stream holds {}, consumer pending {}, unacked {}\nrolling restarts      {} (duplicates before them: {})\nfaults injected       {}\nwall time             {:.1} s\n",
             self.events,
             self.expected,
             self.delivered,
@@ -127,6 +130,7 @@ impl ChaosReport {
             self.consumer_pending,
             self.consumer_ack_pending,
             self.rolling_restarts,
+            self.duplicates_before_rolling_restarts,
             self.faults_injected,
             self.elapsed_s
         );
@@ -540,6 +544,7 @@ async fn run_with(
         stack::signal(pid, "CONT").map_err(setup)?;
     }
     tokio::time::sleep(gap).await;
+    let duplicates_before_rolling_restarts = expectation.compare(&stats.fetch().await?).duplicates;
     let rolling_restarts =
         rolling_restart(opts, &env, &mut pods, &gateway_processes[1], &mut fault).await?;
 
@@ -606,6 +611,7 @@ async fn run_with(
         consumer_pending: audit.pending,
         consumer_ack_pending: audit.ack_pending,
         rolling_restarts,
+        duplicates_before_rolling_restarts,
         faults_injected: faults.len(),
         faults,
         elapsed_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,

@@ -224,6 +224,23 @@ impl Stack {
             .expect("reference gateway starts")
     }
 
+    /// A gateway that answers every push `reply_delay` after it arrived;
+    /// per-user `PushService` only unless `batch`.
+    pub async fn slow_gateway(
+        &self,
+        gateway_id: &str,
+        users: &[&str],
+        reply_delay: Duration,
+        batch: bool,
+    ) -> ReferenceGateway {
+        let mut opts = self.gateway_options(gateway_id, users);
+        opts.reply_delay = reply_delay;
+        opts.batch = batch;
+        ReferenceGateway::start(opts)
+            .await
+            .expect("reference gateway starts")
+    }
+
     /// A gateway like the upstream ones: per-user `PushService` only, no
     /// batch-v1 advertised.
     pub async fn upstream_gateway(&self, gateway_id: &str, users: &[&str]) -> ReferenceGateway {
