@@ -334,3 +334,30 @@ async fn an_extreme_timestamp_is_delivered() {
     pod.stop().await;
     g1.stop().await;
 }
+
+/// A gateway whose answers arrive just after `gateway.request_timeout`
+/// (it stalled and resumed at the deadline): the answers on their way are
+/// taken, so nobody is pushed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_just_past_the_deadline_are_not_pushed_again() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let mut config = stack.config();
+    config.gateway.request_timeout = Duration::from_secs(2);
+    let late = config.gateway.request_timeout + Duration::from_millis(100);
+    for batch in [true, false] {
+        let id = if batch { "gateway-001" } else { "gateway-002" };
+        let session = format!("late-{id}");
+        let g = stack.slow_gateway(id, &["a", "b", "c"], late, batch).await;
+        stack.session(&store, &session, &["a", "b", "c"]).await;
+        let (nats, pod) = stack.pod(&config).await;
+        let msg_id = if batch { 1 } else { 2 };
+        publish(&nats, &config.consumer.topic, &event(msg_id, &session, "a")).await;
+        wait_drained(&nats, &config).await;
+        for user in ["a", "b", "c"] {
+            assert_eq!(g.ledger.count(user, msg_id), 1, "{user} via {id}");
+        }
+        pod.stop().await;
+        g.stop().await;
+    }
+}

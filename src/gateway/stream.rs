@@ -8,11 +8,14 @@
 //! while the gateway cannot be reached, pushes fail at once (after a capped,
 //! jittered backoff) so the event goes back to NATS instead of piling up
 //! here. A request unanswered within `gateway.request_timeout` fails its
-//! stream: every request still in flight is reported failed, never lost, and
-//! the next push reconnects. A stream with nothing to do for
+//! stream: nothing more is written, answers still arriving are taken for a
+//! short linger (a gateway that resumes just at the deadline is not pushed
+//! twice), then every request still in flight is reported failed, never
+//! lost, and the next push reconnects. A stream with nothing to do for
 //! `gateway.idle_timeout` closes; so does one whose pool entry was replaced
 //! (the gateway moved), once its in-flight requests are answered.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -331,7 +334,7 @@ impl<W: Wire> GatewayStream<W> {
         let max_in_flight = self.cfg.max_in_flight;
         let broken =
             |detail: String| PushFailure::new(FailureKind::StreamBroken, &gateway_id, detail);
-        let mut answered = false;
+        let answered = AtomicBool::new(false);
 
         let reader = async {
             let mut inbound = W::open(channel, ReceiverStream::new(request_stream))
@@ -347,7 +350,7 @@ impl<W: Wire> GatewayStream<W> {
                         "gateway ended the stream".into(),
                     ));
                 };
-                answered = true;
+                answered.store(true, Ordering::Relaxed);
                 let mut guard = inflight.lock().expect("in-flight lock");
                 if guard.answer(response).is_err() {
                     return Err(broken(
@@ -431,19 +434,46 @@ impl<W: Wire> GatewayStream<W> {
             }
         };
 
-        let end = tokio::select! {
-            end = writer => end,
-            result = reader => match result {
+        tokio::pin!(reader);
+        let (end, timed_out) = tokio::select! {
+            end = writer => (end, false),
+            result = &mut reader => match result {
                 Ok(never) => match never {},
-                Err(failure) => SessionEnd::Broken(failure),
+                Err(failure) => (SessionEnd::Broken(failure), false),
             },
-            failure = watchdog => SessionEnd::Broken(failure),
+            failure = watchdog => (SessionEnd::Broken(failure), true),
         };
+        if timed_out {
+            // A gateway that stalled may resume just as the deadline passes,
+            // with its answers already on their way: take them for a short
+            // while (nothing new is written) rather than fail, and push
+            // again, what it has delivered.
+            let all_answered = async {
+                loop {
+                    let wait = drained.notified();
+                    if inflight.lock().expect("in-flight lock").is_empty() {
+                        return;
+                    }
+                    wait.await;
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(linger(request_timeout)) => {}
+                _ = &mut reader => {}
+                _ = all_answered => {}
+            }
+        }
         if let SessionEnd::Broken(failure) = &end {
             inflight.lock().expect("in-flight lock").fail_all(failure);
         }
-        (end, answered)
+        (end, answered.load(Ordering::Relaxed))
     }
+}
+
+/// How long a timed-out stream keeps reading answers before it fails what
+/// is still unanswered.
+fn linger(request_timeout: Duration) -> Duration {
+    (request_timeout / 5).min(Duration::from_secs(1))
 }
 
 fn status_text(status: &tonic::Status) -> String {
