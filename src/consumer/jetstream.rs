@@ -251,7 +251,6 @@ impl<H: Handle> Intake<H> {
         };
         let largest = intake.js.client().server_info().max_payload + MESSAGE_OVERHEAD;
         let workers = Arc::new(Semaphore::new(intake.cfg.worker_count));
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let stop = &shutdown.stop;
         tracker.spawn(dead_letter::rescue_exhausted(
             intake.js.clone(),
@@ -267,88 +266,61 @@ impl<H: Handle> Intake<H> {
             lanes: LaneQueue::default(),
             bytes: 0,
         };
-        let mut consumer: Option<PullConsumer> = None;
-        let mut lag: Option<tokio_util::sync::DropGuard> = None;
-        let mut pull: Option<pull::Batch> = None;
-        let mut next_pull = Instant::now();
+        let mut puller = Puller::new(&shutdown, &tracker);
         let touch_after = intake.cfg.ack_wait / 3;
         let mut keep_alive = tokio::time::interval(intake.cfg.ack_wait / 6);
         loop {
-            if pull.is_none()
-                && Instant::now() >= next_pull
-                && let Some((count, bytes)) = waiting.room(prefetch, largest)
-            {
-                if consumer.is_none() {
-                    match ensure(&intake.js, &intake.cfg).await {
-                        Ok(c) => {
-                            tracing::info!(stream = %intake.cfg.stream, consumer = %intake.cfg.queue_group, topic = %intake.cfg.topic, "consuming");
-                            Readiness::set(&shutdown.readiness.consumer_bound, true);
-                            let bound = stop.child_token();
-                            tracker.spawn(report_lag(c.clone(), bound.clone()));
-                            lag = Some(bound.drop_guard());
-                            consumer = Some(c);
-                        }
-                        Err(error) => {
-                            Readiness::set(&shutdown.readiness.consumer_bound, false);
-                            let delay = backoff.next_delay();
-                            tracing::warn!(%error, retry_in = ?delay, "JetStream intake not ready");
-                            next_pull = Instant::now() + delay;
-                        }
-                    }
-                }
-                if let Some(c) = &consumer {
-                    match request(c, count, bytes).await {
-                        Ok(batch) => pull = Some(batch),
-                        Err(error) => {
-                            let delay = backoff.next_delay();
-                            tracing::warn!(%error, retry_in = ?delay, "JetStream pull request failed; re-binding the consumer");
-                            Readiness::set(&shutdown.readiness.consumer_bound, false);
-                            (consumer, lag) = (None, None);
-                            next_pull = Instant::now() + delay;
-                        }
-                    }
-                }
+            if let Some((count, bytes)) = waiting.room(prefetch, largest) {
+                puller.request(&intake.js, &intake.cfg, count, bytes).await;
             }
-            let retry_at = next_pull;
+            let retry_at = puller.next_request;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 permit = workers.clone().acquire_owned(), if !waiting.lanes.is_empty() => {
                     let permit = permit.expect("semaphore is never closed");
                     let message = waiting.pop().expect("lanes are not empty");
-                    let turn = intake.handler.turn(&message.payload);
-                    let (intake, abort) = (intake.clone(), shutdown.abort.clone());
-                    let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
-                    in_flight.increment(1.0);
-                    tracker.spawn(async move {
-                        intake.settle(message, &abort, turn).await;
-                        in_flight.decrement(1.0);
-                        drop(permit);
-                    });
+                    intake.start(message, permit, &shutdown.abort, &tracker);
                 }
-                next = next_of(&mut pull), if pull.is_some() => match next {
+                next = next_of(&mut puller.pull), if puller.pull.is_some() => match next {
                     Some(Ok(message)) => {
-                        backoff.reset();
+                        puller.backoff.reset();
                         waiting.push(intake.handler.as_ref(), message);
                     }
                     Some(Err(error)) => {
-                        pull = None;
+                        puller.pull = None;
                         if !ends_request(&error) {
-                            let delay = backoff.next_delay();
-                            tracing::warn!(%error, retry_in = ?delay, "JetStream pull broke; re-binding the consumer");
-                            Readiness::set(&shutdown.readiness.consumer_bound, false);
-                            (consumer, lag) = (None, None);
-                            next_pull = Instant::now() + delay;
+                            puller.broke(&error, "JetStream pull broke; re-binding the consumer");
                         }
                     }
-                    None => pull = None,
+                    None => puller.pull = None,
                 },
                 _ = keep_alive.tick() => waiting.keep_alive(touch_after).await,
-                _ = tokio::time::sleep_until(retry_at), if pull.is_none() && retry_at > Instant::now() => {}
+                _ = tokio::time::sleep_until(retry_at), if puller.pull.is_none() && retry_at > Instant::now() => {}
             }
         }
-        drop(lag);
+        let pull = puller.pull.take();
+        drop(puller);
         hand_back(waiting, pull).await;
+    }
+
+    /// Hands `message` to a worker task holding `permit` until it settles.
+    fn start(
+        self: &Arc<Self>,
+        message: jetstream::Message,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        abort: &CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let turn = self.handler.turn(&message.payload);
+        let (intake, abort) = (self.clone(), abort.clone());
+        let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
+        in_flight.increment(1.0);
+        tracker.spawn(async move {
+            intake.settle(message, &abort, turn).await;
+            in_flight.decrement(1.0);
+            drop(permit);
+        });
     }
 
     /// Handles one message and carries out the decision: ack, nak with a
@@ -481,6 +453,80 @@ impl<H: Handle> Intake<H> {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+}
+
+/// The pull side of an intake: the bound consumer (if any), the one open
+/// pull request, and when the next may be sent after a failure.
+struct Puller<'a> {
+    consumer: Option<PullConsumer>,
+    /// Stops the lag reporter of the bound consumer when dropped.
+    lag: Option<tokio_util::sync::DropGuard>,
+    pull: Option<pull::Batch>,
+    next_request: Instant,
+    backoff: Backoff,
+    shutdown: &'a Shutdown,
+    tracker: &'a TaskTracker,
+}
+
+impl<'a> Puller<'a> {
+    fn new(shutdown: &'a Shutdown, tracker: &'a TaskTracker) -> Self {
+        Self {
+            consumer: None,
+            lag: None,
+            pull: None,
+            next_request: Instant::now(),
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            shutdown,
+            tracker,
+        }
+    }
+
+    /// Opens a pull request for up to `count` messages and `bytes`, unless
+    /// one is open or a failure's backoff is still running; binds the
+    /// consumer first when needed.
+    async fn request(
+        &mut self,
+        js: &jetstream::Context,
+        cfg: &ConsumerConfig,
+        count: usize,
+        bytes: usize,
+    ) {
+        if self.pull.is_some() || Instant::now() < self.next_request {
+            return;
+        }
+        if self.consumer.is_none() {
+            match ensure(js, cfg).await {
+                Ok(c) => {
+                    tracing::info!(stream = %cfg.stream, consumer = %cfg.queue_group, topic = %cfg.topic, "consuming");
+                    Readiness::set(&self.shutdown.readiness.consumer_bound, true);
+                    let bound = self.shutdown.stop.child_token();
+                    self.tracker.spawn(report_lag(c.clone(), bound.clone()));
+                    self.lag = Some(bound.drop_guard());
+                    self.consumer = Some(c);
+                }
+                Err(error) => return self.broke(&error, "JetStream intake not ready"),
+            }
+        }
+        let Some(consumer) = &self.consumer else {
+            return;
+        };
+        match request(consumer, count, bytes).await {
+            Ok(batch) => self.pull = Some(batch),
+            Err(error) => self.broke(
+                error.as_ref(),
+                "JetStream pull request failed; re-binding the consumer",
+            ),
+        }
+    }
+
+    /// The consumer must be bound again, after a backoff.
+    fn broke(&mut self, error: &dyn std::fmt::Display, what: &'static str) {
+        let delay = self.backoff.next_delay();
+        tracing::warn!(%error, retry_in = ?delay, "{what}");
+        Readiness::set(&self.shutdown.readiness.consumer_bound, false);
+        (self.consumer, self.lag) = (None, None);
+        self.next_request = Instant::now() + delay;
     }
 }
 
