@@ -54,8 +54,6 @@ pub(crate) async fn run(
         ("CONSUMER__TOPIC", config.consumer.topic.clone()),
         ("CONSUMER__STREAM", config.consumer.stream.clone()),
         ("CONSUMER__QUEUE_GROUP", config.consumer.queue_group.clone()),
-        ("CONSUMER__ACK_WAIT", "60s".into()),
-        ("GATEWAY__REQUEST_TIMEOUT", "30s".into()),
         ("ADMIN__ENABLED", "false".into()),
         ("LOG__LEVEL", "warn".into()),
     ] {
