@@ -309,7 +309,10 @@ async fn waiting_events_are_not_redelivered() {
     // Every delivery JetStream made is counted in the consumer sequence:
     // one per event means nothing was redelivered.
     let info = consumer_info(&nats, &config).await;
-    assert_eq!(info.delivered.consumer_sequence, events as u64, "deliveries");
+    assert_eq!(
+        info.delivered.consumer_sequence, events as u64,
+        "deliveries"
+    );
     assert_eq!(g1.ledger.stats().duplicates, 0);
     pod.stop().await;
     g1.stop().await;
@@ -363,4 +366,48 @@ async fn answers_just_past_the_deadline_are_not_pushed_again() {
         pod.stop().await;
         g.stop().await;
     }
+}
+
+/// A burst of large payloads: what waits in the pod is bounded by
+/// `priority.prefetch_bytes`, not only by the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_wait_within_the_byte_budget() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack
+        .slow_gateway("gateway-001", &["a", "b"], Duration::from_millis(100), true)
+        .await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let mut config = stack.config();
+    config.consumer.worker_count = 1;
+    config.limits.max_content_bytes = 512 << 10;
+    const BUDGET: usize = 2 << 20;
+    const SIZE: usize = 256 << 10;
+    config.priority.prefetch_bytes = BUDGET;
+    let (nats, pod) = stack.pod(&config).await;
+    let events = 40;
+    for id in 1..=events {
+        let mut e = event(id, "g", "a");
+        e.content = "x".repeat(SIZE);
+        publish(&nats, &config.consumer.topic, &e).await;
+    }
+    // Taken from NATS and not yet acked: waiting plus the one in flight.
+    let mut most_held = 0;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !(1..=events).all(|id| g1.ledger.count("b", id) == 1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for deliveries"
+        );
+        most_held = most_held.max(consumer_info(&nats, &config).await.num_ack_pending);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let budget = BUDGET / SIZE;
+    assert!(
+        most_held <= budget + config.consumer.worker_count + 1,
+        "{most_held} large events held at once, budget {budget}"
+    );
+    wait_drained(&nats, &config).await;
+    pod.stop().await;
+    g1.stop().await;
 }
