@@ -228,14 +228,8 @@ async fn a_replayed_partial_event_pushes_only_the_rest() {
     let pod = Pod::start(config.clone());
     wait_consuming(&nats, &config).await;
     publish(&nats, &config.consumer.topic, &event(8, "g", "a")).await;
+    wait_dead_lettered(&nats, &config, "dead-lettered", |d| d.msg_id == Some(8)).await;
     let js = jetstream::new(nats.clone());
-    eventually("dead-lettered", || async {
-        dlq::list(&js, &config.consumer)
-            .await
-            .map(|l| l.iter().any(|d| d.msg_id == Some(8)))
-            .unwrap_or(false)
-    })
-    .await;
     assert_eq!(g1.ledger.count("b", 8), 1);
     // Past the in-flight progress TTL.
     tokio::time::sleep(config.dedup.progress_ttl + Duration::from_secs(1)).await;

@@ -145,11 +145,8 @@ async fn a_missing_dead_letter_stream_is_recreated() {
         .await
         .unwrap();
     nats.flush().await.unwrap();
-    eventually("the dead letter is stored", || async {
-        dlq::list(&js, &config.consumer)
-            .await
-            .map(|l| l.iter().any(|d| d.reason.contains("undecodable")))
-            .unwrap_or(false)
+    wait_dead_lettered(&nats, &config, "the dead letter is stored", |d| {
+        d.reason.contains("undecodable")
     })
     .await;
     wait_drained(&nats, &config).await;
@@ -182,15 +179,8 @@ async fn a_message_past_the_delivery_limit_is_dead_lettered() {
         .unwrap();
     let (nats, pod) = stack.pod(&config).await;
     publish(&nats, &config.consumer.topic, &event(77, "g", "a")).await;
-    let js = jetstream::new(nats.clone());
-    eventually("moved to the dead letters", || async {
-        dlq::list(&js, &config.consumer)
-            .await
-            .map(|l| {
-                l.iter()
-                    .any(|d| d.msg_id == Some(77) && d.reason == "max deliveries reached")
-            })
-            .unwrap_or(false)
+    wait_dead_lettered(&nats, &config, "moved to the dead letters", |d| {
+        d.msg_id == Some(77) && d.reason == "max deliveries reached"
     })
     .await;
     wait_drained(&nats, &config).await;

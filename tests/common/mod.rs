@@ -363,6 +363,22 @@ where
     }
 }
 
+/// Waits until a dead letter matching `found` is stored.
+pub async fn wait_dead_lettered(
+    nats: &async_nats::Client,
+    config: &Config,
+    what: &str,
+    found: impl Fn(&resonance_task::tools::dlq::DeadLetter) -> bool,
+) {
+    let js = jetstream::new(nats.clone());
+    eventually(what, || async {
+        resonance_task::tools::dlq::list(&js, &config.consumer)
+            .await
+            .is_ok_and(|letters| letters.iter().any(&found))
+    })
+    .await;
+}
+
 /// Waits until the durable consumer has nothing pending or unacked: every
 /// published event was settled.
 pub async fn wait_settled(nats: &async_nats::Client, config: &Config) {
