@@ -302,3 +302,72 @@ async fn a_moved_gateway_gets_a_new_stream() {
     old.stop().await;
     new.stop().await;
 }
+
+/// A per-user gateway that answers every request, but echoing another
+/// msg_id than the request's: answers are matched by position, so taking
+/// them would credit the wrong recipients. The stream is torn down and the
+/// pushes fail (and are retried) instead of counting as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_for_another_message_fail_the_stream() {
+    use resonance_task::proto::gateway::v1::push_service_server::{PushService, PushServiceServer};
+    use resonance_task::proto::{PushMessageRequest, PushMessageResponse};
+    use tokio_stream::StreamExt;
+    use tonic::{Request, Response, Status, Streaming};
+
+    struct Misanswering;
+
+    #[tonic::async_trait]
+    impl PushService for Misanswering {
+        type PushMessageStream =
+            tokio_stream::wrappers::ReceiverStream<Result<PushMessageResponse, Status>>;
+
+        async fn push_message(
+            &self,
+            request: Request<Streaming<PushMessageRequest>>,
+        ) -> Result<Response<Self::PushMessageStream>, Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(async move {
+                while let Some(Ok(request)) = inbound.next().await {
+                    let message = request.message.unwrap_or_default();
+                    let answer = PushMessageResponse {
+                        msg_id: message.msg_id + 1,
+                        seq_id: message.seq_id,
+                        error: String::new(),
+                    };
+                    if tx.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+                rx,
+            )))
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PushServiceServer::new(Misanswering))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let pool = pool(GatewayPoolConfig::default());
+    let ep = GatewayEndpoint {
+        gateway_id: "g1".into(),
+        instance_id: "i-g1".into(),
+        uri: format!("http://{addr}"),
+        protocol: PushProtocol::PerUser,
+    };
+    let reply = pool
+        .push(&ep, message(7), users(3), Default::default())
+        .await;
+    assert_eq!(reply.outcomes.len(), 3);
+    for outcome in &reply.outcomes {
+        assert!(
+            matches!(outcome, PushOutcome::Failed(f) if f.kind == FailureKind::StreamBroken),
+            "{outcome:?}"
+        );
+    }
+}
