@@ -92,7 +92,11 @@ impl Decision {
     pub fn or_give_up(self, failures: i64, max_deliver: i64) -> Decision {
         match self {
             Decision::Retry { reason, .. } if failures >= max_deliver => Decision::DeadLetter {
-                reason: format!("gave up after {failures} failed attempts"),
+                reason: if failures == 1 {
+                    "gave up after 1 failed attempt".to_string()
+                } else {
+                    format!("gave up after {failures} failed attempts")
+                },
                 last_error: reason,
             },
             d => d,
