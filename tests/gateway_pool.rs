@@ -20,10 +20,14 @@ fn endpoint(id: &str, g: &ReferenceGateway) -> GatewayEndpoint {
 }
 
 fn endpoint_for(id: &str, g: &ReferenceGateway, protocol: PushProtocol) -> GatewayEndpoint {
+    endpoint_at(id, &format!("http://{}", g.grpc_addr), protocol)
+}
+
+fn endpoint_at(id: &str, uri: &str, protocol: PushProtocol) -> GatewayEndpoint {
     GatewayEndpoint {
         gateway_id: id.into(),
         instance_id: format!("i-{id}"),
-        uri: format!("http://{}", g.grpc_addr),
+        uri: uri.into(),
         protocol,
     }
 }
@@ -213,12 +217,11 @@ async fn broken(protocol: PushProtocol) {
 async fn an_unreachable_gateway_fails_fast() {
     let port = free_port();
     let pool = pool(GatewayPoolConfig::default());
-    let ep = GatewayEndpoint {
-        gateway_id: "g-down".into(),
-        instance_id: "i".into(),
-        uri: format!("http://127.0.0.1:{port}"),
-        protocol: PushProtocol::PerUser,
-    };
+    let ep = endpoint_at(
+        "g-down",
+        &format!("http://127.0.0.1:{port}"),
+        PushProtocol::PerUser,
+    );
     let outcomes = pool
         .push(
             &ep,
@@ -354,12 +357,7 @@ async fn answers_for_another_message_fail_the_stream() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let pool = pool(GatewayPoolConfig::default());
-    let ep = GatewayEndpoint {
-        gateway_id: "g1".into(),
-        instance_id: "i-g1".into(),
-        uri: format!("http://{addr}"),
-        protocol: PushProtocol::PerUser,
-    };
+    let ep = endpoint_at("g1", &format!("http://{addr}"), PushProtocol::PerUser);
     let reply = pool
         .push(&ep, message(7), users(3), Default::default())
         .await;

@@ -329,19 +329,14 @@ impl<H: Handle> Intake<H> {
     /// JetStream from handing it to another pod meanwhile, however long
     /// the fan-out or the dead-letter store takes.
     async fn settle(&self, message: jetstream::Message, abort: &CancellationToken, turn: Turn) {
-        let info = message.info().ok().map(|i| {
-            (
-                i.delivered,
-                i.stream_sequence,
-                failed_key(
-                    &self.cfg.stream,
-                    i.stream_sequence,
-                    i.published.unix_timestamp_nanos(),
-                ),
-            )
-        });
-        let delivery = info.as_ref().map_or(1, |i| i.0);
-        let stream_sequence = info.as_ref().map(|i| i.1);
+        let info = message.info().ok();
+        let delivery = info.as_ref().map_or(1, |i| i.delivered);
+        let stream_sequence = info.as_ref().map(|i| i.stream_sequence);
+        // Names the stored message for the failure count, built only when
+        // an attempt fails.
+        let stored = info
+            .as_ref()
+            .map(|i| (i.stream_sequence, i.published.unix_timestamp_nanos()));
         let decision = with_progress_acks(&message, self.cfg.ack_wait / 3, async {
             let attempt = Attempt { delivery };
             let decision = self
@@ -356,8 +351,7 @@ impl<H: Handle> Intake<H> {
                 .await;
             let decision = match decision {
                 Decision::Retry { reason, .. } => {
-                    self.count_failure(info.as_ref().map(|i| i.2.as_str()), reason, delivery)
-                        .await
+                    self.count_failure(stored, reason, delivery).await
                 }
                 d => d,
             };
@@ -399,9 +393,17 @@ impl<H: Handle> Intake<H> {
     /// `consumer.max_deliver` attempts have failed, dead-lettered. When the
     /// count cannot be kept (Redis is down too) the event is retried:
     /// JetStream's ceiling still bounds it.
-    async fn count_failure(&self, key: Option<&str>, reason: String, delivery: i64) -> Decision {
-        let counted = match key {
-            Some(key) => self.attempts.add(key).await,
+    async fn count_failure(
+        &self,
+        stored: Option<(u64, i128)>,
+        reason: String,
+        delivery: i64,
+    ) -> Decision {
+        let counted = match stored {
+            Some((sequence, published_ns)) => {
+                let key = failed_key(&self.cfg.stream, sequence, published_ns);
+                self.attempts.add(&key).await
+            }
             None => Ok(delivery),
         };
         match counted {
