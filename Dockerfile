@@ -1,18 +1,36 @@
-# Multi-stage build of resonance-task: the runtime image holds the binary and
-# its default configuration only, and runs as a non-root user.
-FROM rust:1.95-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler \
- && rm -rf /var/lib/apt/lists/*
+# Multi-stage build of resonance-task. The default (last) stage is the
+# production image: the `resonance-task` binary without the developer
+# tools (run, notify, migrate, dlq, offline, check-config), its default
+# configuration, a non-root user. The `dev` stage adds the reference
+# gateway, seed, publish, workload, chaos and bench commands for the
+# compose stack:
+#   docker build -t resonance-task:local .
+#   docker build --target dev -t resonance-task-dev:local .
+# The protos compile with protox, so no protoc is needed.
+FROM rust:1.95-bookworm AS source
 WORKDIR /src
-COPY Cargo.toml Cargo.lock build.rs ./
+COPY Cargo.toml Cargo.lock ./
+COPY crates crates
 COPY proto proto
 COPY migrations migrations
-COPY src src
-RUN cargo build --release --locked --bin resonance-task
 
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/resonance-task /usr/local/bin/resonance-task
+FROM source AS build-pod
+RUN cargo build --release --locked -p resonance-task-cli --no-default-features --bin resonance-task
+
+FROM source AS build-dev
+RUN cargo build --release --locked -p resonance-task-cli --bin resonance-task
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS dev
+COPY --from=build-dev /src/target/release/resonance-task /usr/local/bin/resonance-task
+COPY config/task.yaml /etc/resonance-task/task.yaml
+ENV RESONANCE_TASK_CONFIG=/etc/resonance-task/task.yaml
+USER nonroot:nonroot
+EXPOSE 9090
+ENTRYPOINT ["/usr/local/bin/resonance-task"]
+CMD ["run"]
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS pod
+COPY --from=build-pod /src/target/release/resonance-task /usr/local/bin/resonance-task
 COPY config/task.yaml /etc/resonance-task/task.yaml
 ENV RESONANCE_TASK_CONFIG=/etc/resonance-task/task.yaml
 USER nonroot:nonroot

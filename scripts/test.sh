@@ -9,7 +9,7 @@ source scripts/lib.sh
 resonance_ensure_tools
 resonance_ensure_databases
 if cargo nextest --version >/dev/null 2>&1; then
-  exec cargo nextest run --no-fail-fast "$@"
+  exec cargo nextest run --workspace --no-fail-fast "$@"
 else
-  exec cargo test --no-fail-fast "$@"
+  exec cargo test --workspace --no-fail-fast "$@"
 fi

@@ -1,6 +1,6 @@
 //! Arbitrary bytes as a NATS payload: size limit, the session id intake
 //! reads for ordering, decoding, validation and fan-out planning, with
-//! their invariants (see `resonance_task::dispatch::exercise`).
+//! their invariants (see `resonance_task::dispatch::dry_run`).
 
 #![no_main]
 
@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use resonance_task::config::LimitsConfig;
-use resonance_task::dispatch::exercise::exercise;
+use resonance_task::dispatch::dry_run::exercise;
 
 fn limits() -> &'static LimitsConfig {
     static LIMITS: OnceLock<LimitsConfig> = OnceLock::new();
@@ -23,5 +23,5 @@ fn limits() -> &'static LimitsConfig {
 }
 
 fuzz_target!(|payload: &[u8]| {
-    exercise(payload, limits());
+    dry_run(payload, limits());
 });

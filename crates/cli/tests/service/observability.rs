@@ -1,0 +1,191 @@
+//! What operators see: `/metrics` counts match what happened, `/readyz`
+//! follows NATS going away and coming back, and an event's trace context
+//! reaches the gateway.
+
+use resonance_task::telemetry::trace::trace_id;
+use resonance_testkit::fault_proxy::{FaultProxy, ProxyMode};
+
+use resonance_testkit::harness::*;
+
+/// Status and body; (0, "") while the port is not listening yet.
+async fn get(url: &str) -> (u16, String) {
+    match resonance_devtools::http_client()
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The value of the sample of `name` whose labels include every `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b", "z"]).await;
+    let mut config = stack.config();
+    let port = free_port();
+    config.admin.listen = ([127, 0, 0, 1], port).into();
+    let (nats, pod) = stack.pod(&config).await;
+    for id in 1..=10 {
+        publish(&nats, &config.consumer.topic, &event(id, "g", "a")).await;
+    }
+    nats.publish(config.consumer.topic.clone(), vec![0xff].into())
+        .await
+        .unwrap();
+    eventually("delivered", || async {
+        (1..=10).all(|id| g1.ledger.count("b", id) == 1)
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let (status, text) = get(&url).await;
+    assert_eq!(status, 200);
+    let value = |name: &str, labels: &[&str]| {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} in\n{text}"))
+    };
+    assert_eq!(
+        value("resonance_task_events_total", &["outcome=\"acked\""]),
+        10.0
+    );
+    assert_eq!(
+        value(
+            "resonance_task_events_total",
+            &["outcome=\"dead_lettered\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "resonance_task_deliveries_total",
+            &["outcome=\"delivered\"", "gateway_id=\"gateway-001\""]
+        ),
+        20.0
+    );
+    assert_eq!(
+        value(
+            "resonance_task_deliveries_total",
+            &["outcome=\"offline\"", "gateway_id=\"none\""]
+        ),
+        10.0
+    );
+    assert_eq!(
+        value("resonance_task_dispatch_duration_seconds_count", &[]),
+        10.0
+    );
+    assert_eq!(
+        value("resonance_task_publish_to_ack_seconds_count", &[]),
+        10.0
+    );
+    assert_eq!(value("resonance_task_event_age_seconds_count", &[]), 10.0);
+    assert!(
+        value(
+            "resonance_task_gateway_round_trip_seconds_count",
+            &["gateway_id=\"gateway-001\""]
+        ) >= 10.0
+    );
+    assert_eq!(value("resonance_task_registry_gateways", &[]), 1.0);
+    assert_eq!(value("resonance_task_gateway_streams_open", &[]), 1.0);
+    assert_eq!(value("resonance_task_events_in_flight", &[]), 0.0);
+    let ratio = value("resonance_task_member_cache_hit_ratio", &[]);
+    assert!((0.0..=1.0).contains(&ratio));
+    eventually("lag gauge published", || async {
+        let (_, text) = get(&url).await;
+        sample(&text, "resonance_task_consumer_pending", &[]) == Some(0.0)
+    })
+    .await;
+    let (status, body) = get(&format!("http://127.0.0.1:{port}/healthz")).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    pod.stop().await;
+    g1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_nats() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], stack.nats.port).into())
+        .await
+        .unwrap();
+    let mut config = stack.config();
+    config.nats.url = resonance_task::config::SecretUrl::new(format!("nats://{}", proxy.addr));
+    let port = free_port();
+    config.admin.listen = ([127, 0, 0, 1], port).into();
+    let pod = Pod::start(config.clone());
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    eventually("ready", || async { get(&readyz).await.0 == 200 }).await;
+    proxy.set(ProxyMode::Cut);
+    eventually("not ready while NATS is cut", || async {
+        let (status, body) = get(&readyz).await;
+        status == 503 && body.contains("\"nats_connected\":false")
+    })
+    .await;
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{port}/healthz")).await.0,
+        200,
+        "still alive"
+    );
+    proxy.set(ProxyMode::Pass);
+    eventually("ready again", || async { get(&readyz).await.0 == 200 }).await;
+    pod.stop().await;
+    g1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_reaches_the_gateway() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut e = event(1, "g", "a");
+    e.trace_headers
+        .insert("traceparent".into(), incoming.into());
+    publish(&nats, &config.consumer.topic, &e).await;
+    eventually("delivered", || async { g1.ledger.count("b", 1) == 1 }).await;
+    let forwarded = g1
+        .ledger
+        .traceparent(1)
+        .expect("the push carried trace context");
+    assert_eq!(
+        trace_id(&forwarded),
+        trace_id(incoming),
+        "same trace: {forwarded}"
+    );
+    assert_ne!(
+        forwarded, incoming,
+        "a new span of the pod's, not the publisher's"
+    );
+    // An event without context still starts a trace of its own.
+    publish(&nats, &config.consumer.topic, &event(2, "g", "a")).await;
+    eventually("delivered", || async { g1.ledger.count("b", 2) == 1 }).await;
+    let own = g1
+        .ledger
+        .traceparent(2)
+        .expect("context for untraced events too");
+    assert_ne!(trace_id(&own), trace_id(incoming));
+    pod.stop().await;
+    g1.stop().await;
+}

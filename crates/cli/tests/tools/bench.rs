@@ -1,0 +1,66 @@
+//! The benchmark itself, run small: every mode delivers exactly what it
+//! submitted, and the report carries the figures and ratios the README
+//! quotes. (Figures are not checked here: performance is measured by the
+//! benchmark, not asserted by tests.)
+
+use resonance_devtools::bench::{self, BenchOptions, Mode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mode_delivers_what_it_submitted() {
+    let report = bench::run(BenchOptions {
+        modes: Mode::ALL.to_vec(),
+        group_size: 40,
+        gateways: 2,
+        deliveries: 4_000,
+        latency_group_size: 10,
+        latency_seconds: 0.5,
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .expect("bench runs");
+    for mode in Mode::ALL {
+        let r = &report.modes[mode.as_str()];
+        assert_eq!(r.deliveries, r.events as u64 * 40, "{mode}");
+        assert!(
+            r.deliveries_per_sec > 0.0 && r.p99_ms >= r.p50_ms,
+            "{mode}: {r:?}"
+        );
+    }
+    assert_eq!(
+        report.modes["serial"].events, 10,
+        "a tenth of the deliveries"
+    );
+    assert!(report.batch_vs_serial.is_some() && report.batch_vs_floor.is_some());
+    let latency = report.latency_at_half_peak.as_ref().expect("latency run");
+    assert!(latency.deliveries > 0 && latency.events_per_sec > 0.0);
+    let json = serde_json::to_value(&report).unwrap();
+    for key in ["deliveries_per_sec", "p50_ms", "p99_ms"] {
+        assert!(json["modes"]["batch"][key].is_number(), "{key}");
+    }
+    assert!(report.to_text().contains("batch_vs_serial"));
+}
+
+/// `--tls`: the batch mode over mutual TLS delivers everything it submits,
+/// beside a plaintext run of the same size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_comparison_delivers_over_mutual_tls() {
+    let report = bench::run(BenchOptions {
+        modes: vec![Mode::Batch],
+        group_size: 40,
+        gateways: 2,
+        deliveries: 4_000,
+        latency_group_size: 10,
+        latency_seconds: 0.2,
+        tls: true,
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .expect("bench runs");
+    let tls = report.tls.as_ref().expect("TLS comparison");
+    assert_eq!(tls.mtls.deliveries, tls.mtls.events as u64 * 40);
+    assert_eq!(tls.plain.events, tls.mtls.events, "same workload");
+    assert!(tls.mtls_vs_plain > 0.0, "{tls:?}");
+    assert!(report.to_text().contains("mtls_vs_plain"));
+}

@@ -1,0 +1,862 @@
+//! `resonance-task bench`: measures fan-out throughput and latency of four
+//! ways to do the same work, side by side in one run on one workload, with
+//! private `nats-server`, `etcd` and `redis-server` processes and in-process
+//! reference gateways (like the demo):
+//!
+//! - `serial`: the upstream algorithm — per member one Redis GET and one
+//!   push awaited before the next, 10 events in flight (`serial`);
+//! - `stream`: this service with per-user `PushService` requests, pipelined;
+//! - `batch`: this service with batch-v1 frames;
+//! - `floor`: only the I/O the path cannot avoid, done directly — one MGET
+//!   per recipient chunk and pre-encoded batch-v1 frames, no NATS, no SQL,
+//!   no service logic (`floor`): the practical limit of this machine.
+//!
+//! Throughput is measured at saturation: every event is submitted at once
+//! and the clock runs from the first submit to the last delivery any gateway
+//! saw. Latency is publish-to-gateway, from each push's `timestamp` (Unix
+//! milliseconds) to its arrival, so it has millisecond resolution. A second
+//! phase measures latency at half of the batch mode's peak with smaller
+//! groups, where latency rather than queueing is what shows.
+
+mod drivers;
+mod floor;
+mod plot;
+mod priority;
+mod serial;
+mod storm;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use drivers::Driver;
+use resonance_reference_gateway::user_name;
+use resonance_reference_gateway::{
+    ReferenceGateway, ReferenceGatewayError, ReferenceGatewayOptions,
+};
+use resonance_task::clock::now_ms;
+use resonance_task::config::{Config, SecretUrl};
+use resonance_task::proto::PushEvent;
+use resonance_task::store::{MemberError, MemberStore, SessionSeed};
+use resonance_testkit::certs::DevPki;
+use resonance_testkit::servers::{self, LocalServer, StackError};
+
+pub use drivers::Mode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error("starting a reference gateway: {0}")]
+    Gateway(#[from] ReferenceGatewayError),
+    #[error("seeding sessions: {0}")]
+    Seed(#[from] MemberError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{mode}: {delivered} of {expected} deliveries arrived; none for {stalled:?}")]
+    Stalled {
+        mode: Mode,
+        delivered: u64,
+        expected: u64,
+        stalled: Duration,
+    },
+    #[error("writing {path}: {cause}")]
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+pub(crate) fn setup(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub modes: Vec<Mode>,
+    /// Members per session in the throughput run.
+    pub group_size: usize,
+    pub gateways: usize,
+    /// Deliveries each of `stream`, `batch` and `floor` makes; `serial`
+    /// makes a tenth of it (it is that much slower).
+    pub deliveries: u64,
+    /// Members per session in the latency run.
+    pub latency_group_size: usize,
+    /// How long the latency run publishes at half of peak.
+    pub latency_seconds: f64,
+    /// Also measure group sizes 2 .. 100,000 and write the curve here.
+    pub sweep: Option<PathBuf>,
+    /// Also run a burst of 100,000-member events through a pod process
+    /// with one slow gateway and report its peak memory.
+    pub storm: bool,
+    /// Also measure high-priority latency under a saturating normal load,
+    /// lanes on and off.
+    pub priority: bool,
+    /// Also measure the batch mode with mutual TLS to every gateway, beside
+    /// plaintext.
+    pub tls: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Where the pods' `consumer.worker_count`, `gateway`, `dispatch`,
+    /// `dedup` and `priority` settings come from (the loaded configuration), so tuning
+    /// can be measured; servers and addresses are the benchmark's own.
+    pub tuning: Config,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            modes: Mode::ALL.to_vec(),
+            group_size: 1000,
+            gateways: 4,
+            deliveries: 1_000_000,
+            latency_group_size: 100,
+            latency_seconds: 5.0,
+            sweep: None,
+            storm: false,
+            priority: false,
+            tls: false,
+            progress: true,
+            tuning: Config::default(),
+        }
+    }
+}
+
+/// Group sizes of the sweep.
+pub const SWEEP_SIZES: [usize; 6] = [2, 10, 100, 1_000, 10_000, 100_000];
+
+/// The storm: this many events of this many members, one gateway holding
+/// every answer this long.
+const STORM_GROUP: usize = 100_000;
+const STORM_EVENTS: usize = 30;
+const STORM_DELAY: Duration = Duration::from_millis(20);
+
+/// How long the priority phase offers its load, per lane setting.
+const PRIORITY_SECONDS: f64 = 5.0;
+
+/// Sessions per group size; events go round-robin over them.
+const SESSIONS_PER_SIZE: usize = 8;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    pub mode: Mode,
+    pub group_size: usize,
+    pub events: usize,
+    pub deliveries: u64,
+    pub elapsed_s: f64,
+    pub deliveries_per_sec: f64,
+    /// Cost of one delivery in CPU-microseconds of wall time at saturation
+    /// (1e6 / deliveries_per_sec).
+    pub per_delivery_us: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyResult {
+    pub group_size: usize,
+    /// The batch mode's peak with these groups.
+    pub peak_events_per_sec: f64,
+    /// Half of it: the rate the latency was measured at.
+    pub events_per_sec: f64,
+    pub deliveries: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub group_size: usize,
+    pub gateways: usize,
+    pub modes: BTreeMap<String, ModeResult>,
+    pub batch_vs_serial: Option<f64>,
+    pub batch_vs_stream: Option<f64>,
+    pub batch_vs_floor: Option<f64>,
+    pub latency_at_half_peak: Option<LatencyResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<Vec<plot::SweepPoint>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storm: Option<storm::StormResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<priority::PriorityResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsResult>,
+}
+
+/// The batch mode over plaintext and over mutual TLS, measured one after
+/// the other on the same workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsResult {
+    pub plain: ModeResult,
+    pub mtls: ModeResult,
+    /// mTLS throughput over plaintext throughput.
+    pub mtls_vs_plain: f64,
+}
+
+impl BenchReport {
+    fn ratio(&self, a: Mode, b: Mode) -> Option<f64> {
+        let a = self.modes.get(a.as_str())?.deliveries_per_sec;
+        let b = self.modes.get(b.as_str())?.deliveries_per_sec;
+        (b > 0.0).then(|| round(a / b, 2))
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "resonance-task bench: {} cpus ({}), {:.0} GiB; {}-member groups over {} gateways\n\n",
+            self.machine.cpus,
+            self.machine.cpu_model,
+            self.machine.memory_gib,
+            self.group_size,
+            self.gateways
+        );
+        out.push_str(&format!(
+            "{:<8} {:>8} {:>11} {:>9} {:>16} {:>10} {:>10} {:>10}\n",
+            "mode",
+            "events",
+            "deliveries",
+            "seconds",
+            "deliveries/s",
+            "us/deliv",
+            "p50 ms",
+            "p99 ms"
+        ));
+        for mode in Mode::ALL {
+            if let Some(r) = self.modes.get(mode.as_str()) {
+                out.push_str(&format!(
+                    "{:<8} {:>8} {:>11} {:>9.2} {:>16.0} {:>10.2} {:>10.1} {:>10.1}\n",
+                    mode.as_str(),
+                    r.events,
+                    r.deliveries,
+                    r.elapsed_s,
+                    r.deliveries_per_sec,
+                    r.per_delivery_us,
+                    r.p50_ms,
+                    r.p99_ms
+                ));
+            }
+        }
+        out.push('\n');
+        for (name, value) in [
+            ("batch_vs_serial", self.batch_vs_serial),
+            ("batch_vs_stream", self.batch_vs_stream),
+            ("batch_vs_floor", self.batch_vs_floor),
+        ] {
+            if let Some(v) = value {
+                out.push_str(&format!("{name}: {v:.2}\n"));
+            }
+        }
+        if let Some(l) = &self.latency_at_half_peak {
+            out.push_str(&format!(
+                "latency at half peak ({}-member groups, {:.0} of {:.0} events/s): p50 {:.1} ms, p99 {:.1} ms\n",
+                l.group_size, l.events_per_sec, l.peak_events_per_sec, l.p50_ms, l.p99_ms
+            ));
+        }
+        if let Some(s) = &self.storm {
+            out.push_str(&format!(
+                "storm: {} events of {} members, one gateway answering after {} ms: {} deliveries in {:.1} s, pod peak RSS {:.1} MiB\n",
+                s.events, s.group_size, s.slow_gateway_delay_ms, s.deliveries, s.elapsed_s, s.peak_rss_mib
+            ));
+        }
+        if let Some(p) = &self.priority {
+            out.push_str(&format!(
+                "priority: {} normal events/s of {} members (over the peak) and {} one-to-one high events: high p50 {:.1} ms p99 {:.1} ms (lanes off: p50 {:.1} ms p99 {:.1} ms); normal p99 {:.1} ms\n",
+                p.normal_events_per_sec,
+                p.normal_group_size,
+                p.high_events,
+                p.lanes_on.high_p50_ms,
+                p.lanes_on.high_p99_ms,
+                p.lanes_off.high_p50_ms,
+                p.lanes_off.high_p99_ms,
+                p.lanes_on.normal_p99_ms
+            ));
+        }
+        if let Some(t) = &self.tls {
+            out.push_str(&format!(
+                "batch over mutual TLS: {:.0} deliveries/s (p99 {:.1} ms) vs plaintext {:.0} (p99 {:.1} ms): mtls_vs_plain {:.2}\n",
+                t.mtls.deliveries_per_sec,
+                t.mtls.p99_ms,
+                t.plain.deliveries_per_sec,
+                t.plain.p99_ms,
+                t.mtls_vs_plain
+            ));
+        }
+        if let Some(sweep) = &self.sweep {
+            out.push_str("\nsweep (batch mode and floor, per-delivery cost):\n");
+            out.push_str(&format!(
+                "{:>8} {:>14} {:>10} {:>14} {:>10}\n",
+                "group", "batch deliv/s", "us/deliv", "floor deliv/s", "us/deliv"
+            ));
+            for p in sweep {
+                out.push_str(&format!(
+                    "{:>8} {:>14.0} {:>10.2} {:>14.0} {:>10.2}\n",
+                    p.group_size,
+                    p.batch.deliveries_per_sec,
+                    p.batch.per_delivery_us,
+                    p.floor.deliveries_per_sec,
+                    p.floor.per_delivery_us
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (x * f).round() / f
+}
+
+fn machine() -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| round(kb / 1024.0 / 1024.0, 1));
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model,
+        memory_gib,
+    }
+}
+
+/// One session of the workload: its id and members, the sender first.
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    pub id: String,
+    pub members: Arc<Vec<String>>,
+}
+
+/// The private servers, gateways and sessions every mode shares.
+pub(crate) struct Bench {
+    _nats: LocalServer,
+    _etcd: LocalServer,
+    _redis: LocalServer,
+    _dir: tempfile::TempDir,
+    pub config: Config,
+    pub gateways: Vec<ReferenceGateway>,
+    pub users: usize,
+    store: MemberStore,
+    sessions: BTreeMap<usize, Vec<Session>>,
+    next_msg_id: AtomicI64,
+    progress: bool,
+}
+
+impl Bench {
+    /// With `tls`, gateways serve mutual TLS with its server certificate
+    /// and pods connect with its client certificate.
+    async fn start(
+        gateways: usize,
+        users: usize,
+        progress: bool,
+        tuning: &Config,
+        tls: Option<&DevPki>,
+    ) -> Result<Self, BenchError> {
+        let (nats, etcd, redis) = tokio::try_join!(
+            servers::nats_server(),
+            servers::etcd_server(),
+            servers::redis_server()
+        )?;
+        let dir = tempfile::tempdir().map_err(setup)?;
+        let mut config = Config::default();
+        config.consumer.worker_count = tuning.consumer.worker_count;
+        config.gateway = tuning.gateway.clone();
+        config.dispatch = tuning.dispatch.clone();
+        config.dedup = tuning.dedup.clone();
+        config.priority = tuning.priority.clone();
+        config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
+        config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
+        config.redis.addr = format!("127.0.0.1:{}", redis.port);
+        config.database.url = SecretUrl::new(format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("bench.db").display()
+        ));
+        config.database.migrate_on_start = Some(true);
+        config.admin.enabled = false;
+        config.log.level = "warn".into();
+        let server_tls = match tls {
+            Some(pki) => {
+                config.gateway.tls = pki.client_tls();
+                Some(pki.server_tls().map_err(setup)?)
+            }
+            None => None,
+        };
+        config.validate().map_err(setup)?;
+
+        let (pool, dialect) = resonance_task::store::connect_database(&config.database)
+            .await
+            .map_err(setup)?;
+        resonance_task::store::migrate(&pool, dialect, &config.database)
+            .await
+            .map_err(setup)?;
+        let store = MemberStore::new(pool, dialect);
+
+        let names: Vec<String> = (0..users).map(|i| user_name("user-", i)).collect();
+        let mut started = Vec::with_capacity(gateways);
+        for g in 0..gateways {
+            // Users are dealt round-robin, so every group spans every gateway.
+            let held = names.iter().skip(g).step_by(gateways).cloned().collect();
+            let mut opts = gateway_options(&config, format!("gateway-{:03}", g + 1), held);
+            opts.tls = server_tls.clone();
+            started.push(ReferenceGateway::start(opts).await?);
+        }
+        Ok(Self {
+            _nats: nats,
+            _etcd: etcd,
+            _redis: redis,
+            _dir: dir,
+            config,
+            gateways: started,
+            users,
+            store,
+            sessions: BTreeMap::new(),
+            next_msg_id: AtomicI64::new(super::publish::fresh_msg_id_base()),
+            progress,
+        })
+    }
+
+    /// Creates `SESSIONS_PER_SIZE` sessions of `size` members (once).
+    async fn sessions(&mut self, size: usize) -> Result<Vec<Session>, BenchError> {
+        if let Some(s) = self.sessions.get(&size) {
+            return Ok(s.clone());
+        }
+        let size = size.min(self.users);
+        let mut sessions = Vec::with_capacity(SESSIONS_PER_SIZE);
+        for s in 0..SESSIONS_PER_SIZE {
+            let offset = s * size.max(self.users / SESSIONS_PER_SIZE) % self.users;
+            let members: Vec<String> = (0..size)
+                .map(|i| user_name("user-", (offset + i) % self.users))
+                .collect();
+            let id = format!("bench-{size}-{s}");
+            self.store
+                .create_session(&SessionSeed {
+                    session_id: id.clone(),
+                    kind: if size == 2 { 1 } else { 2 },
+                    name: id.clone(),
+                    owner: members[0].clone(),
+                    members: members.clone(),
+                })
+                .await?;
+            sessions.push(Session {
+                id,
+                members: Arc::new(members),
+            });
+        }
+        self.sessions.insert(size, sessions.clone());
+        Ok(sessions)
+    }
+
+    pub(crate) fn event(&self, session: &Session) -> PushEvent {
+        let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
+        PushEvent {
+            msg_id,
+            seq_id: msg_id,
+            session_id: session.id.clone(),
+            from_username: session.members[0].clone(),
+            to_username: String::new(),
+            content: "benchmark message: a chat line of about sixty-four bytes..".into(),
+            r#type: "text".into(),
+            timestamp: now_ms(),
+            session_name: String::new(),
+            session_type: 2,
+            trace_headers: Default::default(),
+        }
+    }
+
+    pub(crate) fn delivered(&self) -> u64 {
+        self.gateways
+            .iter()
+            .map(|g| g.ledger.stats().received)
+            .sum()
+    }
+
+    /// Submits `events` events round-robin over `sessions` at `rate` per
+    /// second (0: all at once) and waits until every delivery arrived.
+    async fn measure(
+        &self,
+        driver: &Driver,
+        sessions: &[Session],
+        events: usize,
+        rate: f64,
+    ) -> Result<ModeResult, BenchError> {
+        let per_event = sessions[0].members.len() as u64;
+        let expected = per_event * events as u64;
+        let base = self.delivered();
+        for g in &self.gateways {
+            g.ledger.reset_latency();
+        }
+        let started_us = now_ms() * 1000;
+        let clock = tokio::time::Instant::now();
+        let mut pacer = super::publish::Pacer::new(rate);
+        let submit = async {
+            for i in 0..events {
+                pacer.tick().await;
+                driver
+                    .submit(self.event(&sessions[i % sessions.len()]))
+                    .await?;
+            }
+            driver.flush().await
+        };
+        let mode = driver.mode();
+        let (submitted, waited) =
+            tokio::join!(submit, self.wait_for(mode, base, expected, self.progress));
+        submitted?;
+        waited?;
+        let stats: Vec<_> = self.gateways.iter().map(|g| g.ledger.stats()).collect();
+        let last_us = stats.iter().map(|s| s.last_delivery_us).max().unwrap_or(0);
+        // Wall clock from the first submit to the last delivery; the
+        // monotonic clock bounds it if the gateways saw nothing new.
+        let elapsed_s = if last_us > started_us {
+            (last_us - started_us) as f64 / 1e6
+        } else {
+            clock.elapsed().as_secs_f64()
+        };
+        let latency = super::workload::latency(&stats);
+        let deliveries = self.delivered() - base;
+        let per_sec = deliveries as f64 / elapsed_s.max(1e-6);
+        Ok(ModeResult {
+            mode,
+            group_size: per_event as usize,
+            events,
+            deliveries,
+            elapsed_s: round(elapsed_s, 3),
+            deliveries_per_sec: per_sec.round(),
+            per_delivery_us: round(1e6 / per_sec.max(1e-9), 3),
+            p50_ms: quantile_ms(&latency, 0.5),
+            p99_ms: quantile_ms(&latency, 0.99),
+        })
+    }
+
+    /// Waits until `expected` deliveries beyond `base` arrived, drawing the
+    /// progress bar; fails if none arrive for a while.
+    pub(crate) async fn wait_for(
+        &self,
+        mode: Mode,
+        base: u64,
+        expected: u64,
+        show: bool,
+    ) -> Result<(), BenchError> {
+        const STALL: Duration = Duration::from_secs(60);
+        let mut last = (0, tokio::time::Instant::now());
+        loop {
+            let done = self.delivered().saturating_sub(base);
+            if show {
+                draw_progress(mode, done, expected);
+            }
+            if done >= expected {
+                if show {
+                    eprintln!();
+                }
+                return Ok(());
+            }
+            if done > last.0 {
+                last = (done, tokio::time::Instant::now());
+            } else if last.1.elapsed() > STALL {
+                if show {
+                    eprintln!();
+                }
+                return Err(BenchError::Stalled {
+                    mode,
+                    delivered: done,
+                    expected,
+                    stalled: STALL,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A short unmeasured run: opens streams, fills caches.
+    async fn warm_up(&self, driver: &Driver, sessions: &[Session]) -> Result<(), BenchError> {
+        let events = sessions.len() * 2;
+        let expected = sessions[0].members.len() as u64 * events as u64;
+        let base = self.delivered();
+        for i in 0..events {
+            driver
+                .submit(self.event(&sessions[i % sessions.len()]))
+                .await?;
+        }
+        driver.flush().await?;
+        self.wait_for(driver.mode(), base, expected, false).await
+    }
+}
+
+fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        return 0.0;
+    }
+    round(h.value_at_quantile(q) as f64 / 1000.0, 2)
+}
+
+fn draw_progress(mode: Mode, done: u64, expected: u64) {
+    const WIDTH: usize = 30;
+    let fraction = (done as f64 / expected.max(1) as f64).min(1.0);
+    let filled = (fraction * WIDTH as f64) as usize;
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r{:<7} [{}{}] {:>3.0}% {done}/{expected} deliveries",
+        mode.as_str(),
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        fraction * 100.0
+    );
+    let _ = err.flush();
+}
+
+/// Events a mode submits to make about `deliveries` deliveries.
+fn events_for(mode: Mode, deliveries: u64, group_size: usize) -> usize {
+    let budget = if mode == Mode::Serial {
+        deliveries / 10
+    } else {
+        deliveries
+    };
+    ((budget / group_size.max(1) as u64) as usize).max(SESSIONS_PER_SIZE)
+}
+
+/// Events per sweep point: enough deliveries to measure, few enough events
+/// that small groups finish in seconds.
+fn sweep_events(group_size: usize) -> usize {
+    (500_000 / group_size).clamp(SESSIONS_PER_SIZE, 50_000)
+}
+
+/// A reference gateway of the benchmark: batch-v1, no per-user ledger.
+pub(crate) fn gateway_options(
+    config: &Config,
+    gateway_id: String,
+    users: Vec<String>,
+) -> ReferenceGatewayOptions {
+    ReferenceGatewayOptions {
+        gateway_id,
+        instance_id: None,
+        grpc_listen: ([127, 0, 0, 1], 0).into(),
+        advertise_host: "127.0.0.1".into(),
+        advertise_port: None,
+        http_listen: None,
+        users,
+        write_routes: true,
+        etcd: config.etcd.clone(),
+        redis: config.redis.clone(),
+        namespace: config.registry.namespace.clone(),
+        service_name: config.gateway_service_name.0.clone(),
+        lease_ttl: Duration::from_secs(30),
+        reply_delay: Duration::ZERO,
+        refuse_streams: 0,
+        journal: None,
+        batch: true,
+        track_deliveries: false,
+        tls: None,
+    }
+}
+
+pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    if opts.gateways == 0 || opts.group_size == 0 || opts.latency_group_size == 0 {
+        return Err(setup("gateways and group sizes must be at least 1"));
+    }
+    let largest = if opts.sweep.is_some() || opts.storm {
+        SWEEP_SIZES[SWEEP_SIZES.len() - 1]
+    } else {
+        opts.group_size.max(opts.latency_group_size)
+    };
+    let users = largest.max(4000).div_ceil(opts.gateways) * opts.gateways;
+    let mut bench = Bench::start(opts.gateways, users, opts.progress, &opts.tuning, None).await?;
+    let sessions = bench.sessions(opts.group_size).await?;
+    let mut modes = BTreeMap::new();
+    for &mode in &opts.modes {
+        let result = run_mode(
+            &bench,
+            mode,
+            &sessions,
+            events_for(mode, opts.deliveries, opts.group_size),
+        )
+        .await?;
+        modes.insert(mode.as_str().to_string(), result);
+    }
+
+    let latency_at_half_peak = if opts.modes.contains(&Mode::Batch) {
+        let sessions = bench.sessions(opts.latency_group_size).await?;
+        let driver = Driver::start(Mode::Batch, &bench).await?;
+        bench.warm_up(&driver, &sessions).await?;
+        let peak_events = events_for(Mode::Batch, opts.deliveries, opts.latency_group_size);
+        let peak = bench.measure(&driver, &sessions, peak_events, 0.0).await?;
+        let peak_rate = peak.deliveries_per_sec / opts.latency_group_size as f64;
+        let rate = peak_rate / 2.0;
+        let events = ((rate * opts.latency_seconds) as usize).max(SESSIONS_PER_SIZE);
+        let paced = bench.measure(&driver, &sessions, events, rate).await?;
+        driver.stop().await?;
+        Some(LatencyResult {
+            group_size: opts.latency_group_size,
+            peak_events_per_sec: peak_rate.round(),
+            events_per_sec: rate.round(),
+            deliveries: paced.deliveries,
+            p50_ms: paced.p50_ms,
+            p99_ms: paced.p99_ms,
+        })
+    } else {
+        None
+    };
+
+    let sweep = match &opts.sweep {
+        Some(dir) => {
+            let mut points = Vec::new();
+            for size in SWEEP_SIZES {
+                let sessions = bench.sessions(size).await?;
+                let events = sweep_events(size);
+                let batch = run_mode(&bench, Mode::Batch, &sessions, events).await?;
+                let floor = run_mode(&bench, Mode::Floor, &sessions, events).await?;
+                points.push(plot::SweepPoint {
+                    group_size: size,
+                    batch,
+                    floor,
+                });
+            }
+            write_sweep(dir, &points)?;
+            Some(points)
+        }
+        None => None,
+    };
+
+    let priority = if opts.priority {
+        let peak = match modes.get(Mode::Batch.as_str()) {
+            Some(batch) => batch.deliveries_per_sec,
+            None => {
+                let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
+                run_mode(&bench, Mode::Batch, &sessions, events)
+                    .await?
+                    .deliveries_per_sec
+            }
+        };
+        let per_event = opts.group_size.min(bench.users) as f64;
+        Some(priority::run(&bench, &sessions, peak / per_event, PRIORITY_SECONDS).await?)
+    } else {
+        None
+    };
+
+    let storm = if opts.storm {
+        let sessions = bench.sessions(STORM_GROUP).await?;
+        Some(storm::run(&bench, &sessions, STORM_EVENTS, STORM_DELAY).await?)
+    } else {
+        None
+    };
+
+    let tls = if opts.tls {
+        Some(compare_tls(&opts, users).await?)
+    } else {
+        None
+    };
+
+    let mut report = BenchReport {
+        machine: machine(),
+        group_size: opts.group_size,
+        gateways: opts.gateways,
+        modes,
+        batch_vs_serial: None,
+        batch_vs_stream: None,
+        batch_vs_floor: None,
+        latency_at_half_peak,
+        sweep,
+        storm,
+        priority,
+        tls,
+    };
+    report.batch_vs_serial = report.ratio(Mode::Batch, Mode::Serial);
+    report.batch_vs_stream = report.ratio(Mode::Batch, Mode::Stream);
+    report.batch_vs_floor = report.ratio(Mode::Batch, Mode::Floor);
+    Ok(report)
+}
+
+/// The batch mode on two fresh stacks alike but for TLS: one plaintext, one
+/// whose gateways require client certificates; same workload, interleaved.
+async fn compare_tls(opts: &BenchOptions, users: usize) -> Result<TlsResult, BenchError> {
+    let dir = tempfile::tempdir().map_err(setup)?;
+    let pki = DevPki::create(dir.path()).map_err(setup)?;
+    let start = |tls| Bench::start(opts.gateways, users, opts.progress, &opts.tuning, tls);
+    let mut bench = start(None).await?;
+    let mut secure = start(Some(&pki)).await?;
+    let sessions = bench.sessions(opts.group_size).await?;
+    let secure_sessions = secure.sessions(opts.group_size).await?;
+    let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
+    // In the order plain, mTLS, mTLS, plain, so a drift over the run (the
+    // machine warming, a neighbour's load) weighs on both sides alike; each
+    // side reports the faster of its two runs.
+    let plain_first = run_mode(&bench, Mode::Batch, &sessions, events).await?;
+    let mtls_first = run_mode(&secure, Mode::Batch, &secure_sessions, events).await?;
+    let mtls_second = run_mode(&secure, Mode::Batch, &secure_sessions, events).await?;
+    let plain_second = run_mode(&bench, Mode::Batch, &sessions, events).await?;
+    let faster = |a: ModeResult, b: ModeResult| {
+        if a.deliveries_per_sec >= b.deliveries_per_sec {
+            a
+        } else {
+            b
+        }
+    };
+    let plain = faster(plain_first, plain_second);
+    let mtls = faster(mtls_first, mtls_second);
+    let mtls_vs_plain = round(mtls.deliveries_per_sec / plain.deliveries_per_sec, 2);
+    Ok(TlsResult {
+        plain,
+        mtls,
+        mtls_vs_plain,
+    })
+}
+
+/// Starts a mode, warms it up, measures `events` at saturation, stops it.
+async fn run_mode(
+    bench: &Bench,
+    mode: Mode,
+    sessions: &[Session],
+    events: usize,
+) -> Result<ModeResult, BenchError> {
+    let driver = Driver::start(mode, bench).await?;
+    bench.warm_up(&driver, sessions).await?;
+    let result = bench.measure(&driver, sessions, events, 0.0).await;
+    driver.stop().await?;
+    result
+}
+
+fn write_sweep(dir: &std::path::Path, points: &[plot::SweepPoint]) -> Result<(), BenchError> {
+    let write_err = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |cause| BenchError::Write { path, cause }
+    };
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    let json = dir.join("bench-sweep.json");
+    let text = serde_json::json!({
+        "machine": machine(),
+        "sizes": SWEEP_SIZES,
+        "batch_cost_max_over_min": plot::flatness(points).map(|f| round(f, 2)),
+        "points": points,
+    });
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(&text).expect("sweep serializes") + "\n",
+    )
+    .map_err(write_err(&json))?;
+    plot::draw(points, &dir.join("bench-sweep.svg"))
+}

@@ -1,0 +1,367 @@
+//! The developer commands of `resonance-task`: a reference gateway, dev
+//! certificates, seeding, publishing, a workload, the chaos run and the
+//! benchmark. The command line crate adds them behind its `devtools`
+//! feature; production images leave them out.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+use resonance_reference_gateway::cli::GatewayArgs;
+use resonance_task::config::Config;
+use resonance_task::nats::connect as connect_nats;
+use resonance_task::store::{MemberStore, RedisClient, RouteStore, connect_database, migrate};
+
+use crate::publish::{EventTemplate, fresh_msg_id_base, publish};
+use crate::seed::{SeedPlan, SessionMix, seed};
+use crate::workload::{self, WorkloadOptions};
+use crate::{bench, chaos};
+
+#[derive(Subcommand)]
+pub enum DevCommand {
+    /// Run a reference gateway holding simulated users.
+    #[command(
+        after_help = "Example:\n  resonance-task gateway --id gateway-001 --listen 127.0.0.1:9091 --http 127.0.0.1:9191 --users 0..500"
+    )]
+    Gateway(GatewayArgs),
+    /// Write a development CA, a server certificate and a client
+    /// certificate (for localhost and 127.0.0.1) as PEM files.
+    #[command(
+        after_help = "Example:\n  resonance-task certs --dir tls\n  resonance-task gateway --id gateway-001 --tls-cert tls/server.pem --tls-key tls/server.key --client-ca tls/ca.pem\n  RESONANCE_TASK__GATEWAY__TLS__CA_FILE=tls/ca.pem RESONANCE_TASK__GATEWAY__TLS__CERT_FILE=tls/client.pem RESONANCE_TASK__GATEWAY__TLS__KEY_FILE=tls/client.key resonance-task run"
+    )]
+    Certs {
+        /// Directory the files are written to (created if missing)
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Create sessions with members drawn from simulated users.
+    #[command(
+        after_help = "Example:\n  resonance-task seed --users 1200 --sessions 2x200,100x20,1000x2"
+    )]
+    Seed(SeedArgs),
+    /// Publish push events as the logic service does (core NATS).
+    #[command(
+        after_help = "Example:\n  resonance-task publish --session s-2-0000 --from user-000001 --content hi --count 10 --rate 5"
+    )]
+    Publish(PublishArgs),
+    /// Fault-injection run: workload through pods and gateways while every
+    /// dependency fails in turn; reports lost, duplicates, dead letters.
+    #[command(
+        after_help = "Example:\n  resonance-task chaos --json\n\nNeeds nats-server, etcd, redis-server and a PostgreSQL it may create a database in."
+    )]
+    Chaos(ChaosArgs),
+    /// Publish a sample load to seeded sessions and report what arrived.
+    #[command(
+        after_help = "Example:\n  resonance-task workload --events 2000 --stats http://127.0.0.1:9191/stats --json"
+    )]
+    Workload(WorkloadArgs),
+    /// Measure fan-out throughput and latency: the upstream serial
+    /// algorithm, per-user streams, batch-v1 and the I/O floor, side by side
+    /// on private servers.
+    #[command(
+        after_help = "Example:\n  resonance-task bench --json\n  resonance-task bench --sweep --modes batch,floor\n\nNeeds nats-server, etcd and redis-server. Build with --release for meaningful figures."
+    )]
+    Bench(BenchArgs),
+}
+
+impl DevCommand {
+    /// The benchmark runs pods in this process: their info lines would
+    /// bury its table, so it logs warnings only unless told otherwise.
+    pub fn quiet_logs(&self) -> bool {
+        matches!(self, Self::Bench(_))
+    }
+
+    pub async fn run(
+        self,
+        config: Config,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        match self {
+            Self::Gateway(args) => {
+                resonance_reference_gateway::cli::run(args, config, shutdown).await?
+            }
+            Self::Certs { dir } => {
+                let pki = resonance_testkit::certs::DevPki::create(&dir)?;
+                println!(
+                    "wrote ca.pem, server.pem, server.key, client.pem, client.key to {}",
+                    pki.dir.display()
+                );
+            }
+            Self::Seed(args) => {
+                let store = member_store(&config).await?;
+                let plan = SeedPlan {
+                    users: args.users,
+                    user_prefix: args.user_prefix,
+                    mix: args.sessions,
+                    rng_seed: args.rng_seed,
+                };
+                let summary = seed(&store, &plan).await?;
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+            Self::Publish(args) => {
+                let nats = connect_nats(&config.nats, "resonance-task-publish").await?;
+                let template = EventTemplate {
+                    session_id: args.session,
+                    session_type: args.session_type,
+                    from_username: args.from,
+                    to_username: args.to,
+                    content: args.content,
+                    kind: args.kind,
+                };
+                let first = args.msg_id.unwrap_or_else(fresh_msg_id_base);
+                let ids = publish(
+                    &nats,
+                    &config.consumer.topic,
+                    &template,
+                    first,
+                    args.count,
+                    args.rate,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("publishing to {}: {e}", config.consumer.topic))?;
+                println!(
+                    "published {} events, msg_id {}..={}",
+                    ids.len(),
+                    first,
+                    first + ids.len() as i64 - 1
+                );
+            }
+            Self::Bench(args) => {
+                let report = bench::run(bench::BenchOptions {
+                    modes: args.modes,
+                    group_size: args.group_size,
+                    gateways: args.gateways,
+                    deliveries: args.deliveries,
+                    latency_group_size: args.latency_group_size,
+                    latency_seconds: args.latency_seconds,
+                    sweep: args.sweep.then_some(args.sweep_dir),
+                    storm: args.storm,
+                    priority: args.priority,
+                    tls: args.tls,
+                    progress: !args.no_progress && std::io::stderr().is_terminal(),
+                    tuning: config,
+                })
+                .await?;
+                print!("{}", report.to_text());
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                }
+            }
+            Self::Chaos(args) => {
+                let opts = chaos::ChaosOptions {
+                    binary: std::env::current_exe().context("locating this binary")?,
+                    events: args.events,
+                    rate: args.rate,
+                    users: args.users,
+                    sessions: args.sessions,
+                    postgres_admin_url: args.postgres,
+                    fault_gap: Duration::from_secs_f64(args.fault_gap),
+                    sql_cut: Duration::from_secs_f64(args.sql_cut),
+                    gateway_stall: Duration::from_secs_f64(args.stall),
+                    poison_every: args.poison_every,
+                    settle_timeout: Duration::from_secs(args.settle_timeout),
+                    rng_seed: args.rng_seed,
+                };
+                let report = chaos::run(opts).await?;
+                print!("{}", report.to_text());
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                }
+                if !report.passed() {
+                    bail!(
+                        "chaos run failed: {} lost, {} stranded, {} left in the work queue, {} of {} poison payloads dead-lettered, {} valid events dead-lettered",
+                        report.lost,
+                        report.stranded,
+                        report.stream_left,
+                        report.poison_dead_lettered,
+                        report.poison_injected,
+                        report.valid_dead_lettered
+                    );
+                }
+            }
+            Self::Workload(args) => {
+                let store = member_store(&config).await?;
+                let redis = RedisClient::connect(&config.redis).await?;
+                let routes = RouteStore::new(
+                    redis,
+                    config.dispatch.route_chunk_size,
+                    config.dispatch.route_concurrency,
+                );
+                let nats = connect_nats(&config.nats, "resonance-task-workload").await?;
+                let opts = WorkloadOptions {
+                    events: args.events,
+                    rate: args.rate,
+                    stats_urls: args.stats,
+                    push_to_sender: config.dispatch.push_to_sender,
+                    rng_seed: args.rng_seed,
+                    settle_timeout: Duration::from_secs(args.settle_timeout),
+                    subject: config.consumer.topic.clone(),
+                };
+                let report = workload::run(&opts, &store, &routes, &nats).await?;
+                print!("{}", report.to_text());
+                if args.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                }
+                if report.lost > 0 {
+                    bail!("{} expected deliveries were lost", report.lost);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Modes to measure (comma-separated)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "serial,stream,batch,floor"
+    )]
+    modes: Vec<bench::Mode>,
+    /// Members per session in the throughput run
+    #[arg(long, default_value_t = 1000)]
+    group_size: usize,
+    #[arg(long, default_value_t = 4)]
+    gateways: usize,
+    /// Deliveries per mode (serial makes a tenth)
+    #[arg(long, default_value_t = 1_000_000)]
+    deliveries: u64,
+    /// Members per session in the latency run (at half of batch peak)
+    #[arg(long, default_value_t = 100)]
+    latency_group_size: usize,
+    /// Seconds the latency run publishes
+    #[arg(long, default_value_t = 5.0)]
+    latency_seconds: f64,
+    /// Also measure group sizes 2..100,000 (batch and floor) and write
+    /// bench-sweep.json and bench-sweep.svg into --sweep-dir
+    #[arg(long)]
+    sweep: bool,
+    #[arg(long, default_value = "docs")]
+    sweep_dir: PathBuf,
+    /// Also fan out 30 events of 100,000 members through a pod process
+    /// while one gateway answers slowly, and report the pod's peak memory
+    #[arg(long)]
+    storm: bool,
+    /// Also measure high-priority latency while normal large-group events
+    /// are offered above the batch peak, with priority lanes on and off
+    #[arg(long)]
+    priority: bool,
+    /// Also measure the batch mode with mutual TLS to every gateway, beside
+    /// plaintext
+    #[arg(long)]
+    tls: bool,
+    /// No progress bar on stderr
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the report as one JSON object on the last line
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ChaosArgs {
+    #[arg(long, default_value_t = 4000)]
+    events: usize,
+    /// Events per second
+    #[arg(long, default_value_t = 80.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 3000)]
+    users: usize,
+    /// Sessions as SIZExCOUNT
+    #[arg(long, default_value = "2x200,20x100,100x40,500x10")]
+    sessions: SessionMix,
+    /// PostgreSQL where a scratch database may be created
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    postgres: String,
+    /// Seconds between faults
+    #[arg(long, default_value_t = 4.0)]
+    fault_gap: f64,
+    /// Seconds SQL stays cut
+    #[arg(long, default_value_t = 10.0)]
+    sql_cut: f64,
+    /// Seconds a gateway stays stalled
+    #[arg(long, default_value_t = 5.0)]
+    stall: f64,
+    /// One poison payload per this many events
+    #[arg(long, default_value_t = 50)]
+    poison_every: usize,
+    /// Seconds without progress before giving up waiting
+    #[arg(long, default_value_t = 90)]
+    settle_timeout: u64,
+    #[arg(long, default_value_t = 11)]
+    rng_seed: u64,
+    /// Print the report as one JSON object on the last line
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SeedArgs {
+    /// Size of the simulated user pool
+    #[arg(long, default_value_t = 1200)]
+    users: usize,
+    #[arg(long, default_value = "user-")]
+    user_prefix: String,
+    /// Sessions as SIZExCOUNT, comma separated
+    #[arg(long, default_value = "2x200,10x50,100x20,1000x3,3000x1")]
+    sessions: SessionMix,
+    #[arg(long, default_value_t = 42)]
+    rng_seed: u64,
+}
+
+#[derive(Args)]
+pub struct PublishArgs {
+    #[arg(long)]
+    session: String,
+    #[arg(long)]
+    from: String,
+    /// Set for one-to-one sessions
+    #[arg(long, default_value = "")]
+    to: String,
+    #[arg(long, default_value = "hello")]
+    content: String,
+    #[arg(long = "type", default_value = "text")]
+    kind: String,
+    /// 1 = single, 2 = group
+    #[arg(long, default_value_t = 2)]
+    session_type: i32,
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Events per second (0 = unpaced)
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// First msg_id [default: derived from the clock]
+    #[arg(long)]
+    msg_id: Option<i64>,
+}
+
+#[derive(Args)]
+pub struct WorkloadArgs {
+    #[arg(long, default_value_t = 2000)]
+    events: usize,
+    /// Events per second (0 = unpaced)
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Reference gateways' stats URLs (repeat or comma-separate)
+    #[arg(long = "stats", value_delimiter = ',', required = true)]
+    stats: Vec<String>,
+    #[arg(long, default_value_t = 7)]
+    rng_seed: u64,
+    /// Seconds without progress before giving up
+    #[arg(long, default_value_t = 30)]
+    settle_timeout: u64,
+    /// Print the report as one JSON object on the last line
+    #[arg(long)]
+    json: bool,
+}
+
+async fn member_store(config: &Config) -> Result<MemberStore> {
+    let (pool, dialect) = connect_database(&config.database).await?;
+    migrate(&pool, dialect, &config.database).await?;
+    Ok(MemberStore::new(pool, dialect))
+}

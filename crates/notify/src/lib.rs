@@ -1,0 +1,397 @@
+//! `resonance-task notify`: the mobile-push worker. It consumes offline
+//! notices (`dispatch::offline` publishes them) through the same durable
+//! intake as the task pods (`consumer::jetstream`: a shared JetStream
+//! consumer, ack after success, redelivery with backoff, dead letters on
+//! `notify.dead_letter_topic`), and hands every recipient to each
+//! configured provider: `webhook` (signed JSON POST) and `getui` (Getui
+//! REST API v2).
+//!
+//! A notice is acked when every recipient was sent or dropped by every
+//! provider. What was sent is remembered per notice in Redis
+//! (`resonance:notify:{<msg_id>}:sent`, one member per provider and user),
+//! so a redelivery sends only what is left.
+
+#![forbid(unsafe_code)]
+
+pub mod getui;
+pub mod webhook;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use resonance_task::config::{Config, ConsumerConfig, ConsumerMode};
+use resonance_task::consumer::jetstream::Intake;
+use resonance_task::consumer::{Attempt, Decision, MessageHandler};
+use resonance_task::lifecycle::Lifecycle;
+use resonance_task::proto::OfflineNotice;
+use resonance_task::retry::Backoff;
+use resonance_task::store::{RedisClient, RedisError};
+use resonance_task::telemetry::{self, admin::Readiness};
+
+/// What a provider did with one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Sent,
+    /// Will never work (no device, refused request): not retried.
+    Dropped(String),
+    /// A transient failure: try again later.
+    Retry(String),
+}
+
+/// Notification title and body for a notice: the sender in one-to-one
+/// sessions, the session name (and the sender in the body) in groups.
+pub fn title_and_body(notice: &OfflineNotice) -> (String, String) {
+    if notice.session_type == 1 {
+        (notice.from_username.clone(), notice.preview.clone())
+    } else {
+        let title = if notice.session_name.is_empty() {
+            notice.session_id.clone()
+        } else {
+            notice.session_name.clone()
+        };
+        (
+            title,
+            format!("{}: {}", notice.from_username, notice.preview),
+        )
+    }
+}
+
+pub enum Provider {
+    Webhook(webhook::Webhook),
+    Getui(getui::Getui),
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Webhook(_) => "webhook",
+            Self::Getui(_) => "getui",
+        }
+    }
+
+    pub async fn send(&self, notice: &OfflineNotice, username: &str) -> Delivery {
+        match self {
+            Self::Webhook(w) => w.send(notice, username).await,
+            Self::Getui(g) => g.send(notice, username).await,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("no mobile-push provider configured: set notify.webhook.url or notify.getui.app_id")]
+    NoProvider,
+    #[error("building the HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("NATS: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error(transparent)]
+    NoticeStream(#[from] resonance_task::dispatch::offline::NoticeStreamError),
+    #[error(transparent)]
+    Admin(#[from] telemetry::admin::AdminError),
+}
+
+/// The providers the configuration turns on.
+pub fn providers(config: &Config, redis: &RedisClient) -> Result<Vec<Provider>, NotifyError> {
+    resonance_task::tls::install_provider();
+    let http = reqwest::Client::builder()
+        .timeout(config.notify.request_timeout)
+        .connect_timeout(config.notify.request_timeout)
+        .build()
+        .map_err(NotifyError::Http)?;
+    let mut providers = Vec::new();
+    let hook = &config.notify.webhook;
+    if !hook.url.is_empty() {
+        let secret = hook.secret.clone().ok_or(NotifyError::NoProvider)?;
+        providers.push(Provider::Webhook(webhook::Webhook::new(
+            http.clone(),
+            hook.url.clone(),
+            secret,
+        )));
+    }
+    if !config.notify.getui.app_id.is_empty() {
+        providers.push(Provider::Getui(getui::Getui::new(
+            http,
+            &config.notify.getui,
+            redis.clone(),
+        )));
+    }
+    if providers.is_empty() {
+        return Err(NotifyError::NoProvider);
+    }
+    Ok(providers)
+}
+
+/// The durable intake's settings for notices.
+pub fn consumer_config(config: &Config) -> ConsumerConfig {
+    let n = &config.notify;
+    ConsumerConfig {
+        mode: ConsumerMode::Jetstream,
+        topic: config.offline.notice_topic.clone(),
+        queue_group: n.queue_group.clone(),
+        worker_count: n.worker_count,
+        max_retry: n.max_retry,
+        retry_interval: n.retry_interval,
+        retry_backoff_max: n.retry_interval.max(Duration::from_secs(120)),
+        shutdown_grace: config.consumer.shutdown_grace,
+        stream: config.offline.notice_stream.clone(),
+        ack_wait: n.ack_wait,
+        max_deliver: n.max_deliver,
+        delivery_ceiling: config.consumer.delivery_ceiling.max(n.max_deliver),
+        stream_max_age: Duration::from_secs(24 * 3600),
+        dead_letter_topic: n.dead_letter_topic.clone(),
+        dead_letter_stream: n.dead_letter_stream.clone(),
+    }
+}
+
+pub fn sent_key(msg_id: i64) -> String {
+    format!("resonance:notify:{{{msg_id}}}:sent")
+}
+
+/// How long a notice's sent list is kept.
+const SENT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Recipients sent to at once per notice.
+const SENDS_IN_FLIGHT: usize = 16;
+
+pub struct NoticeHandler {
+    providers: Vec<Provider>,
+    redis: RedisClient,
+    max_retry: u32,
+}
+
+impl NoticeHandler {
+    pub fn new(providers: Vec<Provider>, redis: RedisClient, max_retry: u32) -> Self {
+        Self {
+            providers,
+            redis,
+            max_retry,
+        }
+    }
+
+    /// `provider/username` pairs of `notice` not yet sent.
+    async fn unsent(&self, notice: &OfflineNotice) -> Result<Vec<(usize, String)>, RedisError> {
+        let pairs: Vec<(usize, String)> = (0..self.providers.len())
+            .flat_map(|p| notice.recipients.iter().map(move |u| (p, u.clone())))
+            .collect();
+        if pairs.is_empty() {
+            return Ok(pairs);
+        }
+        let mut check = redis::cmd("SMISMEMBER");
+        check.arg(sent_key(notice.msg_id));
+        for (p, u) in &pairs {
+            check.arg(format!("{}/{u}", self.providers[*p].name()));
+        }
+        let known: Vec<bool> = self.redis.query(&check).await?;
+        let left: Vec<(usize, String)> = pairs
+            .into_iter()
+            .zip(known)
+            .filter(|(_, sent)| !sent)
+            .map(|(pair, _)| pair)
+            .collect();
+        Ok(left)
+    }
+
+    async fn remember(&self, msg_id: i64, done: &[(usize, String)]) -> Result<(), RedisError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let key = sent_key(msg_id);
+        let mut add = redis::cmd("SADD");
+        add.arg(&key);
+        for (p, u) in done {
+            add.arg(format!("{}/{u}", self.providers[*p].name()));
+        }
+        let mut expire = redis::cmd("PEXPIRE");
+        expire.arg(&key).arg(SENT_TTL.as_millis() as u64);
+        self.redis
+            .per_key(vec![vec![add, expire]])
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends what is left, retrying transient failures in-process; returns
+    /// the last transient failure if some are still unsent.
+    async fn send_all(&self, notice: &OfflineNotice) -> Result<(), String> {
+        let mut left = self.unsent(notice).await.map_err(|e| e.to_string())?;
+        let deduplicated = self.providers.len() * notice.recipients.len() - left.len();
+        if deduplicated > 0 {
+            metrics::counter!(telemetry::metrics::NOTIFY, "provider" => "any", "outcome" => "deduplicated")
+                .increment(deduplicated as u64);
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut last_error = String::new();
+        for attempt in 0..=self.max_retry {
+            if left.is_empty() {
+                return Ok(());
+            }
+            if attempt > 0 {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            let results: Vec<((usize, String), Delivery)> = futures::stream::iter(left)
+                .map(|(p, user)| async move {
+                    let d = self.providers[p].send(notice, &user).await;
+                    ((p, user), d)
+                })
+                .buffer_unordered(SENDS_IN_FLIGHT)
+                .collect()
+                .await;
+            let mut done = Vec::new();
+            left = Vec::new();
+            for ((p, user), delivery) in results {
+                let provider = self.providers[p].name();
+                let outcome = match &delivery {
+                    Delivery::Sent => "sent",
+                    Delivery::Dropped(_) => "dropped",
+                    Delivery::Retry(_) => "retried",
+                };
+                metrics::counter!(telemetry::metrics::NOTIFY, "provider" => provider, "outcome" => outcome)
+                    .increment(1);
+                match delivery {
+                    Delivery::Sent => done.push((p, user)),
+                    Delivery::Dropped(reason) => {
+                        tracing::info!(msg_id = notice.msg_id, username = %user, provider, %reason, "mobile push dropped");
+                        done.push((p, user));
+                    }
+                    Delivery::Retry(reason) => {
+                        tracing::debug!(msg_id = notice.msg_id, username = %user, provider, %reason, "mobile push will be retried");
+                        last_error = reason;
+                        left.push((p, user));
+                    }
+                }
+            }
+            if let Err(e) = self.remember(notice.msg_id, &done).await {
+                tracing::warn!(msg_id = notice.msg_id, error = %e, "sent list not recorded; a redelivery may push these again");
+            }
+        }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} pushes not sent: {last_error}", left.len()))
+        }
+    }
+}
+
+impl MessageHandler for NoticeHandler {
+    async fn handle(
+        &self,
+        payload: &[u8],
+        _headers: Option<&async_nats::HeaderMap>,
+        attempt: Attempt,
+        abort: &CancellationToken,
+        _turn: resonance_task::dispatch::Turn,
+    ) -> Decision {
+        {
+            let notice = match OfflineNotice::decode(payload) {
+                Ok(n) => n,
+                Err(e) => {
+                    let reason =
+                        format!("undecodable OfflineNotice ({} bytes): {e}", payload.len());
+                    tracing::warn!(%reason, "notice rejected");
+                    return Decision::DeadLetter {
+                        last_error: reason.clone(),
+                        reason,
+                    };
+                }
+            };
+            let sent = tokio::select! {
+                r = self.send_all(&notice) => r,
+                _ = abort.cancelled() => return Decision::SHUTDOWN,
+            };
+            match sent {
+                Ok(()) => Decision::Ack,
+                Err(error) => {
+                    tracing::warn!(msg_id = notice.msg_id, delivery = attempt.delivery, %error, "notice will be redelivered");
+                    Decision::Retry {
+                        delay: Duration::ZERO,
+                        reason: error,
+                    }
+                }
+            }
+        }
+    }
+
+    fn decided(&self, decision: &Decision) {
+        let outcome = match decision {
+            Decision::Ack | Decision::Duplicate => "acked",
+            Decision::Retry { .. } => "retried",
+            Decision::HandBack { .. } => "handed_back",
+            Decision::DeadLetter { .. } => "dead_lettered",
+        };
+        metrics::counter!(telemetry::metrics::NOTIFY, "provider" => "notice", "outcome" => outcome)
+            .increment(1);
+    }
+}
+
+/// Runs the notify worker until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NotifyError> {
+    let life = Lifecycle::start(&config.admin).await?;
+    let readiness = life.readiness.clone();
+    // Neither a registry nor a database is involved here.
+    Readiness::set(&readiness.registry_synced, true);
+    Readiness::set(&readiness.database_reachable, true);
+    let redis = RedisClient::connect(&config.redis).await?;
+    let providers = providers(&config, &redis)?;
+    tracing::info!(
+        providers = ?providers.iter().map(Provider::name).collect::<Vec<_>>(),
+        "notify worker starting"
+    );
+    let nats = resonance_task::nats::connect_with(
+        &config.nats,
+        &format!("{}-notify", config.service.name),
+        Some(readiness.clone()),
+    )
+    .await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    resonance_task::dispatch::offline::ensure_notice_stream(&js, &config.offline).await?;
+    let attempts = resonance_task::consumer::FailedAttempts::new(redis.clone(), SENT_TTL);
+    let handler = Arc::new(NoticeHandler::new(
+        providers,
+        redis,
+        config.notify.max_retry,
+    ));
+    let cfg = consumer_config(&config);
+    let prefetch = resonance_task::consumer::jetstream::Prefetch {
+        count: cfg.worker_count,
+        bytes: config.priority.prefetch_bytes,
+    };
+    let intake = Intake::new(nats.clone(), cfg.clone(), handler, attempts).run(&life, prefetch);
+    tokio::pin!(intake);
+    tokio::select! {
+        _ = &mut intake => {}
+        _ = shutdown => {
+            life.stop.cancel();
+            intake.await;
+        }
+    }
+    life.drain(cfg.shutdown_grace, Some(&nats)).await;
+    tracing::info!("notify worker stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn titles_name_the_sender_or_the_group() {
+        let mut n = OfflineNotice {
+            session_type: 1,
+            from_username: "ann".into(),
+            session_id: "s-1".into(),
+            preview: "hi".into(),
+            ..Default::default()
+        };
+        assert_eq!(title_and_body(&n), ("ann".into(), "hi".into()));
+        n.session_type = 2;
+        assert_eq!(title_and_body(&n), ("s-1".into(), "ann: hi".into()));
+        n.session_name = "team".into();
+        assert_eq!(title_and_body(&n).0, "team");
+    }
+}

@@ -1,0 +1,708 @@
+//! Fan-out of one event: members (SQL) -> routes (Redis) -> per-gateway
+//! batches (`plan`) -> concurrent pushes through the gateway pool. The
+//! result is a [`FanoutReport`] saying what happened to every recipient;
+//! the consumer turns it into an ack, a retry or a dead letter.
+
+pub mod dry_run;
+pub mod offline;
+pub mod order;
+pub mod plan;
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::future::join_all;
+use futures::stream::FuturesUnordered;
+use tracing::Instrument;
+
+use crate::config::{DispatchConfig, LimitsConfig};
+use crate::gateway::{FailureKind, GatewayPool, PendingReply, PushFailure, PushOutcome, PushReply};
+use crate::proto::{PushEvent, PushMessage};
+use crate::registry::GatewayRegistry;
+use crate::store::{MemberError, MemberStore, Progress, ProgressStore, RedisError, RouteStore};
+use crate::telemetry;
+use offline::OfflineDelivery;
+pub use order::{SessionOrder, Turn};
+use plan::OfflineReason;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The event can never succeed (dead-letter it).
+    #[error("invalid event: {0}")]
+    Invalid(String),
+    /// The event breaks a configured input limit (dead-letter it).
+    #[error("event over limit `limits.{limit}`: {detail}")]
+    Limit { limit: &'static str, detail: String },
+    #[error(transparent)]
+    Members(#[from] MemberError),
+    #[error("looking up routes: {0}")]
+    Routes(RedisError),
+    #[error("reading delivery progress: {0}")]
+    Progress(RedisError),
+}
+
+impl DispatchError {
+    /// Worth retrying: a dependency failed, not the event.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Invalid(_) | Self::Limit { .. })
+    }
+}
+
+/// What happened to each recipient of one event.
+#[derive(Debug, Default)]
+pub struct FanoutReport {
+    pub members: usize,
+    /// The event had settled before; nothing was pushed.
+    pub duplicate: bool,
+    /// Another handler holds the event right now; nothing was pushed.
+    pub busy: bool,
+    /// When busy: how long the other handler's claim has left.
+    pub busy_for: Option<std::time::Duration>,
+    /// Recipients an earlier attempt already delivered (not pushed again).
+    pub already_delivered: usize,
+    /// Recipients a gateway confirmed (counted, not listed: a large group
+    /// would otherwise hold every name until the event ends).
+    pub delivered: usize,
+    pub offline: Vec<(String, OfflineReason)>,
+    /// Offline recipients whose message is parked.
+    pub parked: usize,
+    /// Offline recipients named in a published offline notice.
+    pub noticed: usize,
+    pub failed: Vec<(String, PushFailure)>,
+    pub gateways: usize,
+}
+
+impl FanoutReport {
+    /// Every recipient was delivered or is offline.
+    pub fn is_settled(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// Folds in the report of a retry of this report's failed recipients.
+    pub fn absorb_retry(&mut self, retry: FanoutReport) {
+        self.delivered += retry.delivered;
+        self.offline.extend(retry.offline);
+        self.parked += retry.parked;
+        self.noticed += retry.noticed;
+        self.failed = retry.failed;
+        self.gateways = self.gateways.max(retry.gateways);
+    }
+
+    /// The first failure, to say why an event is retried.
+    pub fn first_failure(&self) -> Option<&PushFailure> {
+        self.failed.first().map(|(_, f)| f)
+    }
+}
+
+/// An event over `limit`, counted.
+fn over(limit: &'static str, detail: String) -> DispatchError {
+    metrics::counter!(telemetry::metrics::LIMIT_VIOLATIONS, "limit" => limit).increment(1);
+    DispatchError::Limit { limit, detail }
+}
+
+/// An encoded event of `len` bytes within `limits.max_payload_bytes`.
+pub fn check_payload(len: usize, limits: &LimitsConfig) -> Result<(), DispatchError> {
+    if len > limits.max_payload_bytes {
+        return Err(over(
+            "max_payload_bytes",
+            format!("{len} bytes, at most {}", limits.max_payload_bytes),
+        ));
+    }
+    Ok(())
+}
+
+/// A username or session id: length in bytes, then characters.
+fn check_id(
+    field: &str,
+    value: &str,
+    max_key: &'static str,
+    max: usize,
+    limits: &LimitsConfig,
+) -> Result<(), DispatchError> {
+    if value.len() > max {
+        return Err(over(
+            max_key,
+            format!("{field} has {} bytes, at most {max}", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| !limits.id_charset.allows(*c)) {
+        return Err(over(
+            "id_charset",
+            format!(
+                "{field} holds {c:?}, not allowed by {:?}",
+                limits.id_charset
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what dispatch relies on and the input limits; anything else
+/// about the event is passed through to the gateway as is.
+pub fn validate(event: &PushEvent, limits: &LimitsConfig) -> Result<(), DispatchError> {
+    if event.session_id.trim().is_empty() {
+        return Err(DispatchError::Invalid("session_id is empty".into()));
+    }
+    check_id(
+        "session_id",
+        &event.session_id,
+        "max_session_id_bytes",
+        limits.max_session_id_bytes,
+        limits,
+    )?;
+    for (field, value) in [
+        ("from_username", &event.from_username),
+        ("to_username", &event.to_username),
+    ] {
+        check_id(
+            field,
+            value,
+            "max_username_bytes",
+            limits.max_username_bytes,
+            limits,
+        )?;
+    }
+    if event.content.len() > limits.max_content_bytes {
+        return Err(over(
+            "max_content_bytes",
+            format!(
+                "content has {} bytes, at most {}",
+                event.content.len(),
+                limits.max_content_bytes
+            ),
+        ));
+    }
+    if event.msg_id <= 0 {
+        return Err(DispatchError::Invalid(format!(
+            "msg_id {} is not a positive id",
+            event.msg_id
+        )));
+    }
+    Ok(())
+}
+
+/// The gateway message for an event (contract fields 1-8; `to_username`
+/// is set per recipient by the pool).
+pub fn gateway_message(event: &PushEvent) -> PushMessage {
+    PushMessage {
+        msg_id: event.msg_id,
+        seq_id: event.seq_id,
+        session_id: event.session_id.clone(),
+        from_username: event.from_username.clone(),
+        to_username: event.to_username.clone(),
+        content: event.content.clone(),
+        r#type: event.r#type.clone(),
+        timestamp: event.timestamp,
+    }
+}
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    members: MemberStore,
+    routes: RouteStore,
+    registry: GatewayRegistry,
+    pool: GatewayPool,
+    progress: Option<ProgressStore>,
+    offline: Option<OfflineDelivery>,
+    cfg: DispatchConfig,
+    limits: LimitsConfig,
+}
+
+impl Dispatcher {
+    /// `progress` is `None` when deduplication is off.
+    pub fn new(
+        members: MemberStore,
+        routes: RouteStore,
+        registry: GatewayRegistry,
+        pool: GatewayPool,
+        progress: Option<ProgressStore>,
+        cfg: DispatchConfig,
+    ) -> Self {
+        Self {
+            members,
+            routes,
+            registry,
+            pool,
+            progress,
+            offline: None,
+            cfg,
+            limits: LimitsConfig::default(),
+        }
+    }
+
+    /// Refuses events beyond `limits` (default: [`LimitsConfig::default`]).
+    pub fn with_limits(mut self, limits: LimitsConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
+    /// Parks messages and publishes notices for offline recipients.
+    pub fn with_offline(mut self, offline: OfflineDelivery) -> Self {
+        self.offline = Some(offline);
+        self
+    }
+
+    async fn claim(&self, msg_id: i64, token: &str) -> Result<Progress, DispatchError> {
+        match &self.progress {
+            Some(p) => p
+                .claim(msg_id, token)
+                .await
+                .map_err(DispatchError::Progress),
+            None => Ok(Progress::default()),
+        }
+    }
+
+    /// Ends the claim `dispatch` took; `settled` marks the event done, so
+    /// its redelivery or a duplicate publish is acked without pushing.
+    pub async fn finish(&self, msg_id: i64, token: &str, settled: bool) -> Result<(), RedisError> {
+        match &self.progress {
+            Some(p) => p.finish(msg_id, token, settled).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Renews `token`'s claim on the event every third of its lease, for
+    /// as long as it is polled (never returns). A renewal that fails is
+    /// logged and tried again at the next tick.
+    pub async fn keep_claim(&self, msg_id: i64, token: &str) {
+        let Some(progress) = &self.progress else {
+            return std::future::pending().await;
+        };
+        let period = progress.lease_ttl() / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = progress.renew(msg_id, token, progress.lease_ttl()).await {
+                tracing::warn!(msg_id, error = %e, "claim not renewed; retrying at the next tick");
+            }
+        }
+    }
+
+    /// The handler of the event was stopped mid-way (shutdown): its pushes
+    /// already queued on gateway streams may still go out while the
+    /// process winds down, so the claim is not released but set to lapse
+    /// once they are answered or timed out (`gateway.request_timeout`
+    /// after the streams' drain allowance).
+    pub async fn let_claim_lapse(&self, msg_id: i64, token: &str) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let ttl = self.pool.request_timeout() + STREAM_DRAIN_ALLOWANCE;
+        if let Err(e) = progress.renew(msg_id, token, ttl).await {
+            tracing::debug!(msg_id, error = %e, "claim left to its own expiry");
+        }
+    }
+
+    /// Keeps an unsettled event's progress for `ttl`.
+    pub async fn keep_progress(
+        &self,
+        msg_id: i64,
+        ttl: std::time::Duration,
+    ) -> Result<(), RedisError> {
+        match &self.progress {
+            Some(p) => p.keep(msg_id, ttl).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records `users` as reached, retrying a failed write with backoff: a
+    /// reached recipient left unrecorded would be pushed again by the next
+    /// attempt.
+    async fn record_reached(&self, msg_id: i64, users: &[&str]) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let mut backoff = crate::retry::Backoff::new(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_secs(1),
+        );
+        for attempt in 1..=PROGRESS_WRITES {
+            match progress.record(msg_id, users).await {
+                Ok(()) => return,
+                Err(e) if attempt == PROGRESS_WRITES => {
+                    tracing::warn!(msg_id, error = %e, recipients = users.len(), "delivery progress not recorded; a redelivery may repeat these pushes");
+                }
+                Err(e) => {
+                    tracing::debug!(msg_id, error = %e, attempt, "delivery progress not recorded; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    /// Fans one event out to its session's members. `Err` means nothing was
+    /// pushed (the event failed before any gateway was contacted); `Ok`
+    /// reports every recipient. `token` names this handling in the event's
+    /// claim; call [`Dispatcher::finish`] with it afterwards. The event's
+    /// trace context, if any, becomes the parent of the dispatch span.
+    /// `turn` is the event's place in its session's order: its pushes are
+    /// written only after the previous event's (see `order`).
+    pub async fn dispatch(
+        &self,
+        event: &PushEvent,
+        token: &str,
+        turn: Turn,
+    ) -> Result<FanoutReport, DispatchError> {
+        let span = tracing::info_span!(
+            "dispatch",
+            msg_id = event.msg_id,
+            session_id = %event.session_id,
+            members = tracing::field::Empty
+        );
+        telemetry::trace::continue_from(&span, &event.trace_headers);
+        let started = Instant::now();
+        let result = self
+            .dispatch_in_span(event, token, turn)
+            .instrument(span)
+            .await;
+        metrics::histogram!(telemetry::metrics::DISPATCH_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn dispatch_in_span(
+        &self,
+        event: &PushEvent,
+        token: &str,
+        turn: Turn,
+    ) -> Result<FanoutReport, DispatchError> {
+        validate(event, &self.limits)?;
+        let (members, progress) = tokio::join!(
+            self.members.shared(&event.session_id),
+            self.claim(event.msg_id, token)
+        );
+        let (members, progress) = (members?, progress?);
+        if members.len() > self.limits.max_members {
+            return Err(over(
+                "max_members",
+                format!(
+                    "session {} has more than {} members",
+                    event.session_id, self.limits.max_members
+                ),
+            ));
+        }
+        tracing::Span::current().record("members", members.len());
+        if progress.settled || progress.busy {
+            return Ok(FanoutReport {
+                members: members.len(),
+                duplicate: progress.settled,
+                busy: !progress.settled,
+                busy_for: progress.busy_for,
+                ..Default::default()
+            });
+        }
+        let member_count = members.len();
+        let (picked, already_delivered) = plan::recipients(
+            &members,
+            &event.from_username,
+            self.cfg.push_to_sender,
+            &progress.delivered,
+        );
+        count_deliveries("deduplicated", NO_GATEWAY, already_delivered);
+        let targets = Targets {
+            names: members,
+            picked,
+        };
+        let mut report = self.fan_out(event, targets, member_count, turn).await?;
+        report.members = member_count;
+        report.already_delivered = already_delivered;
+        Ok(report)
+    }
+
+    /// Pushes an event to the given recipients only (a retry of those that
+    /// failed): routes are looked up again, since a user may have moved.
+    /// `session_size` is the number of members of the event's session.
+    pub async fn redeliver(
+        &self,
+        event: &PushEvent,
+        recipients: Vec<String>,
+        session_size: usize,
+    ) -> Result<FanoutReport, DispatchError> {
+        count_deliveries("retried", NO_GATEWAY, recipients.len());
+        let span = tracing::info_span!(
+            "retry",
+            msg_id = event.msg_id,
+            session_id = %event.session_id,
+            recipients = recipients.len()
+        );
+        telemetry::trace::continue_from(&span, &event.trace_headers);
+        self.fan_out(event, Targets::all(recipients), session_size, Turn::free())
+            .instrument(span)
+            .await
+    }
+
+    /// Waits for one chunk's answer and records whom it reached.
+    async fn settle_chunk(
+        &self,
+        gateway_id: String,
+        msg_id: i64,
+        sent: Instant,
+        answer: PendingReply,
+    ) -> (String, PushReply) {
+        let reply = answer.wait().await;
+        metrics::histogram!(telemetry::metrics::GATEWAY_ROUND_TRIP, "gateway_id" => gateway_id.clone())
+            .record(sent.elapsed().as_secs_f64());
+        if self.progress.is_some() {
+            let reached: Vec<&str> = reply
+                .recipients
+                .iter()
+                .zip(&reply.outcomes)
+                .filter(|(_, o)| **o == PushOutcome::Delivered)
+                .map(|(u, _)| u.as_str())
+                .collect();
+            self.record_reached(msg_id, &reached).await;
+        }
+        (gateway_id, reply)
+    }
+
+    /// Parks and notices the report's offline recipients; those it could
+    /// not handle become failed recipients (retried), the others are
+    /// recorded as reached so a redelivery leaves them alone.
+    async fn settle_offline(
+        &self,
+        offline: &OfflineDelivery,
+        event: &PushEvent,
+        message: &PushMessage,
+        session_size: usize,
+        report: &mut FanoutReport,
+    ) {
+        if report.offline.is_empty() {
+            return;
+        }
+        let users: Vec<String> = report.offline.iter().map(|(u, _)| u.clone()).collect();
+        let outcome = offline.settle(event, message, session_size, &users).await;
+        if self.progress.is_some() {
+            self.record_reached(event.msg_id, &outcome.settled(&users))
+                .await;
+        }
+        report.parked += outcome.parked;
+        report.noticed += outcome.noticed;
+        if !outcome.failed.is_empty() {
+            let failed: std::collections::HashSet<&str> =
+                outcome.failed.iter().map(|(u, _)| u.as_str()).collect();
+            report.offline.retain(|(u, _)| !failed.contains(u.as_str()));
+            report.failed.extend(outcome.failed);
+        }
+    }
+
+    /// Queues one gateway's chunks on its stream, in order.
+    async fn enqueue_gateway(
+        &self,
+        batch: plan::GatewayBatch,
+        message: &PushMessage,
+        trace_headers: &HashMap<String, String>,
+    ) -> Vec<(String, Instant, PendingReply)> {
+        let endpoint = batch.endpoint;
+        let chunk = if self.pool.uses_batch(&endpoint) {
+            self.cfg.batch_size
+        } else {
+            self.cfg.push_chunk_size
+        };
+        let mut answers = Vec::new();
+        for recipients in plan::split(batch.recipients, chunk) {
+            let answer = self
+                .pool
+                .enqueue(
+                    &endpoint,
+                    message.clone(),
+                    recipients,
+                    trace_headers.clone(),
+                )
+                .await;
+            answers.push((endpoint.gateway_id.clone(), Instant::now(), answer));
+        }
+        answers
+    }
+
+    /// Pushes to `targets` window by window: each window's routes are
+    /// looked up, planned and queued on the gateway streams before the next
+    /// window is touched, so an event holds at most one window of names and
+    /// routes besides what its streams have in flight, however large its
+    /// session. A full stream makes queuing wait, which holds the next
+    /// window back.
+    async fn fan_out(
+        &self,
+        event: &PushEvent,
+        targets: Targets,
+        session_size: usize,
+        turn: Turn,
+    ) -> Result<FanoutReport, DispatchError> {
+        let mut turn = turn;
+        let started = Instant::now();
+        let message = gateway_message(event);
+        let trace_headers = telemetry::trace::headers_of(&tracing::Span::current());
+        let window = (self.cfg.route_chunk_size * self.cfg.route_concurrency)
+            .max(self.cfg.batch_size)
+            .max(1);
+        // Queuing (windows in order) and settling (answers as they come,
+        // recording progress) run side by side, so answered chunks free
+        // their names while later windows are still being queued.
+        let (queued_tx, mut queued_rx) = tokio::sync::mpsc::unbounded_channel();
+        let produce = async {
+            let mut report = FanoutReport::default();
+            let mut gateways = std::collections::HashSet::new();
+            let mut queued_any = false;
+            let mut windows = targets.picked.chunks(window);
+            while let Some(indices) = windows.next() {
+                let names: Vec<String> = indices
+                    .iter()
+                    .map(|&i| targets.names[i as usize].clone())
+                    .collect();
+                let routes = match self.routes.gateway_ids(&names).await {
+                    Ok(routes) => routes,
+                    // Nothing pushed yet: the event as a whole is retried.
+                    Err(e) if !queued_any => return Err(DispatchError::Routes(e)),
+                    // Earlier windows are out: these and the rest fail, and
+                    // only they are retried.
+                    Err(e) => {
+                        let failure = PushFailure::new(FailureKind::Lookup, NO_GATEWAY, &e);
+                        let rest = windows.by_ref().flatten();
+                        report.failed.extend(
+                            names
+                                .into_iter()
+                                .chain(rest.map(|&i| targets.names[i as usize].clone()))
+                                .map(|u| (u, failure.clone())),
+                        );
+                        break;
+                    }
+                };
+                let plan = plan::plan(names, routes, &self.registry.snapshot());
+                for (user, reason) in &plan.offline {
+                    tracing::trace!(username = %user, reason = reason.as_str(), "offline");
+                }
+                count_deliveries("offline", NO_GATEWAY, plan.offline.len());
+                report.offline.extend(plan.offline);
+                gateways.extend(plan.batches.iter().map(|b| b.endpoint.gateway_id.clone()));
+                // Chunks are queued only after the session's previous event
+                // queued all of its own (the first wait does it); the next
+                // event may go once this one's last window is queued.
+                turn.wait().await;
+                let queued = join_all(plan.batches.into_iter().map(|batch| {
+                    let span = tracing::debug_span!(
+                        "gateway_batch",
+                        gateway_id = %batch.endpoint.gateway_id,
+                        recipients = batch.recipients.len()
+                    );
+                    self.enqueue_gateway(batch, &message, &trace_headers)
+                        .instrument(span)
+                }))
+                .await;
+                for chunk in queued.into_iter().flatten() {
+                    queued_any = true;
+                    let _ = queued_tx.send(chunk);
+                }
+            }
+            turn.release();
+            drop(queued_tx);
+            report.gateways = gateways.len();
+            Ok(report)
+        };
+        let settle = async {
+            let mut replies = FanoutReport::default();
+            let mut settling = FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    chunk = queued_rx.recv(), if open => match chunk {
+                        Some((gateway_id, sent, answer)) => {
+                            settling.push(self.settle_chunk(gateway_id, event.msg_id, sent, answer));
+                        }
+                        None => open = false,
+                    },
+                    Some((gateway_id, reply)) = settling.next(), if !settling.is_empty() => {
+                        replies.absorb_reply(&gateway_id, reply);
+                    }
+                    else => break,
+                }
+            }
+            replies
+        };
+        let (produced, replies) = tokio::join!(produce, settle);
+        let mut report = produced?;
+        report.delivered += replies.delivered;
+        report.offline.extend(replies.offline);
+        report.failed.extend(replies.failed);
+        if let Some(offline) = &self.offline {
+            self.settle_offline(offline, event, &message, session_size, &mut report)
+                .await;
+        }
+        tracing::debug!(
+            delivered = report.delivered,
+            offline = report.offline.len(),
+            parked = report.parked,
+            noticed = report.noticed,
+            failed = report.failed.len(),
+            gateways = report.gateways,
+            elapsed = ?started.elapsed(),
+            "fan-out done"
+        );
+        Ok(report)
+    }
+}
+
+/// Whom to push to: some of a shared list of names, by index, so a large
+/// session's member list is not copied per event.
+struct Targets {
+    names: Arc<Vec<String>>,
+    picked: Vec<u32>,
+}
+
+impl Targets {
+    fn all(names: Vec<String>) -> Self {
+        let picked = (0..names.len() as u32).collect();
+        Self {
+            names: Arc::new(names),
+            picked,
+        }
+    }
+}
+
+impl FanoutReport {
+    /// Folds in one answered chunk.
+    fn absorb_reply(&mut self, gateway_id: &str, reply: PushReply) {
+        let (mut delivered, mut offline, mut failed) = (0, 0, 0);
+        for (user, outcome) in reply.recipients.into_iter().zip(reply.outcomes) {
+            match outcome {
+                PushOutcome::Delivered => delivered += 1,
+                PushOutcome::NotConnected(reason) => {
+                    offline += 1;
+                    tracing::debug!(username = %user, %reason, "gateway says not connected");
+                    self.offline.push((user, OfflineReason::NotConnected));
+                }
+                PushOutcome::Failed(failure) => {
+                    failed += 1;
+                    self.failed.push((user, failure));
+                }
+            }
+        }
+        self.delivered += delivered;
+        count_deliveries("delivered", gateway_id, delivered);
+        count_deliveries("offline", gateway_id, offline);
+        count_deliveries("failed", gateway_id, failed);
+    }
+}
+
+/// How long, after the grace period, a stopping pod's gateway streams may
+/// still write what was queued on them (the drain's own allowances).
+const STREAM_DRAIN_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes of one chunk's progress before giving up on it (about 2 s in
+/// all with the backoff between them).
+const PROGRESS_WRITES: u32 = 5;
+
+/// The gateway_id label of recipients no gateway was involved with.
+const NO_GATEWAY: &str = "none";
+
+fn count_deliveries(outcome: &'static str, gateway_id: &str, n: usize) {
+    if n > 0 {
+        metrics::counter!(telemetry::metrics::DELIVERIES, "outcome" => outcome, "gateway_id" => gateway_id.to_string())
+            .increment(n as u64);
+    }
+}

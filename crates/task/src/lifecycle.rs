@@ -1,0 +1,104 @@
+//! The life of a long-running command (a pod, the notify worker): the
+//! `stop` token that ends intake, the `abort` token that ends the grace
+//! period, the tracker every task is spawned on, readiness, and the admin
+//! port. Components take one [`Lifecycle`] rather than loose tokens, and
+//! spawn through it, so no task outlives the drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AdminConfig;
+use crate::telemetry;
+use crate::telemetry::admin::Readiness;
+
+#[derive(Clone)]
+pub struct Lifecycle {
+    /// Fired at shutdown: take no more work, finish what is in flight.
+    pub stop: CancellationToken,
+    /// Fired when the grace period is over: hand back what is unfinished.
+    pub abort: CancellationToken,
+    tracker: TaskTracker,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lifecycle {
+    /// A lifecycle with no admin port (tests, tools).
+    pub fn new() -> Self {
+        Self {
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            readiness: Arc::new(Readiness::default()),
+        }
+    }
+
+    /// A lifecycle whose admin port (metrics, health, readiness) is served
+    /// when `admin.enabled`.
+    pub async fn start(admin: &AdminConfig) -> Result<Self, telemetry::admin::AdminError> {
+        let lifecycle = Self::new();
+        telemetry::metrics::describe();
+        if admin.enabled {
+            telemetry::admin::serve(admin.listen, &lifecycle).await?;
+        }
+        Ok(lifecycle)
+    }
+
+    /// Runs `task` on the tracker, so the drain waits for it.
+    pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// The tracker, for components (the gateway pool) that outlive one
+    /// call and spawn as they go.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Stops intake, lets in-flight work finish within `grace`, then hands
+    /// what is left back to NATS (so another process takes it now rather
+    /// than after ack_wait) and flushes the acks on `nats`.
+    pub async fn drain(&self, grace: Duration, nats: Option<&async_nats::Client>) {
+        self.stop.cancel();
+        self.tracker.close();
+        tracing::info!(?grace, "shutting down: finishing in-flight work");
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            self.abort.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "some in-flight messages could not be handed back; NATS redelivers them after ack_wait"
+                );
+            }
+        }
+        if let Some(nats) = nats {
+            // NATS may be gone too; do not wait for it forever.
+            match tokio::time::timeout(Duration::from_secs(5), nats.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "flushing acks to NATS failed"),
+                Err(_) => tracing::warn!(
+                    "flushing acks to NATS timed out; unflushed acks mean redeliveries"
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! One Redis handle for a standalone server or a Redis Cluster, chosen by
+//! `redis.cluster_addrs`. Both variants multiplex many concurrent commands
+//! on few connections and reconnect on their own; a command issued while
+//! Redis is down fails fast instead of queueing without bound.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, Pipeline};
+
+use crate::config::RedisConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis address `{addr}` is not host:port")]
+    Address { addr: String },
+    #[error("redis {addr}: {cause}")]
+    Redis {
+        addr: String,
+        #[source]
+        cause: redis::RedisError,
+    },
+    #[error("redis TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+impl crate::refusal::Refusal for RedisError {
+    fn refused(&self) -> bool {
+        match self {
+            Self::Redis { cause, .. } => {
+                crate::refusal::redis_refused(cause) || crate::refusal::refused(cause)
+            }
+            Self::Tls(_) => true,
+            Self::Address { .. } => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+#[derive(Clone)]
+pub struct RedisClient {
+    connection: Connection,
+    /// For error messages.
+    addr: String,
+}
+
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Single-key pipelines in flight at once on a cluster (see `per_key`).
+const CLUSTER_GROUPS_IN_FLIGHT: usize = 64;
+
+/// The address of `addr` (`host:port`, `redis://host:port` or
+/// `rediss://host:port`), with TLS when it says `rediss://` or `tls`.
+fn connection_addr(addr: &str, tls: bool) -> Result<ConnectionAddr, RedisError> {
+    let tls = tls || addr.trim().starts_with("rediss://");
+    let (host, port) = host_port(addr)?;
+    Ok(if tls {
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host, port)
+    })
+}
+
+/// The CA bundle and client identity of `redis.tls`, for the client.
+fn certificates(cfg: &RedisConfig) -> Result<redis::TlsCertificates, RedisError> {
+    crate::tls::install_provider();
+    let material = crate::tls::TlsMaterial::read("redis.tls", &cfg.tls)?;
+    Ok(redis::TlsCertificates {
+        client_tls: match (&material.cert, &material.key) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: cert.to_vec(),
+                client_key: key.to_vec(),
+            }),
+            _ => None,
+        },
+        root_cert: material.ca.as_deref().map(<[u8]>::to_vec),
+    })
+}
+
+fn host_port(addr: &str) -> Result<(String, u16), RedisError> {
+    let addr = addr
+        .trim()
+        .trim_start_matches("redis://")
+        .trim_start_matches("rediss://")
+        .trim_end_matches('/');
+    let bad = || RedisError::Address {
+        addr: addr.to_string(),
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+impl RedisClient {
+    pub async fn connect(cfg: &RedisConfig) -> Result<Self, RedisError> {
+        if cfg.cluster_addrs.is_empty() {
+            Self::connect_standalone(cfg).await
+        } else {
+            Self::connect_cluster(cfg).await
+        }
+    }
+
+    async fn connect_standalone(cfg: &RedisConfig) -> Result<Self, RedisError> {
+        let addr = cfg.addr.clone();
+        let err = |cause| RedisError::Redis {
+            addr: addr.clone(),
+            cause,
+        };
+        let addr_info = connection_addr(&cfg.addr, cfg.tls.enabled)?;
+        let tls = matches!(addr_info, ConnectionAddr::TcpTls { .. });
+        let info = addr_info.into_connection_info().map_err(err)?;
+        let mut settings = info.redis_settings().clone().set_db(cfg.db);
+        if let Some(user) = &cfg.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &cfg.password {
+            settings = settings.set_password(password.expose());
+        }
+        let info = info.set_redis_settings(settings);
+        let client = if tls {
+            redis::Client::build_with_tls(info, certificates(cfg)?).map_err(err)?
+        } else {
+            redis::Client::open(info).map_err(err)?
+        };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(err)?;
+        Ok(Self {
+            connection: Connection::Standalone(manager),
+            addr,
+        })
+    }
+
+    async fn connect_cluster(cfg: &RedisConfig) -> Result<Self, RedisError> {
+        let addr = cfg.cluster_addrs.join(",");
+        let err = |cause| RedisError::Redis {
+            addr: addr.clone(),
+            cause,
+        };
+        let mut nodes = Vec::new();
+        let mut tls = false;
+        for a in &cfg.cluster_addrs {
+            let addr = connection_addr(a, cfg.tls.enabled)?;
+            tls |= matches!(addr, ConnectionAddr::TcpTls { .. });
+            nodes.push(addr.into_connection_info().map_err(err)?);
+        }
+        let mut builder = ClusterClientBuilder::new(nodes)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT);
+        if tls {
+            builder = builder
+                .tls(redis::TlsMode::Secure)
+                .certs(certificates(cfg)?);
+        }
+        if let Some(user) = &cfg.username {
+            builder = builder.username(user);
+        }
+        if let Some(password) = &cfg.password {
+            builder = builder.password(password.expose());
+        }
+        let client = builder.build().map_err(err)?;
+        let conn = client.get_async_connection().await.map_err(err)?;
+        Ok(Self {
+            connection: Connection::Cluster(conn),
+            addr,
+        })
+    }
+
+    fn err(&self, cause: redis::RedisError) -> RedisError {
+        RedisError::Redis {
+            addr: self.addr.clone(),
+            cause,
+        }
+    }
+
+    /// Runs one command. Multi-key commands (MGET) on a cluster are split by
+    /// slot and merged by the cluster client.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
+        let result = match &self.connection {
+            Connection::Standalone(c) => cmd.query_async(&mut c.clone()).await,
+            Connection::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        };
+        result.map_err(|e| self.err(e))
+    }
+
+    /// Runs groups of commands, each group about one key, and returns each
+    /// group's first answer (the rest are ignored). See
+    /// [`RedisClient::per_key_all`].
+    pub async fn per_key(&self, groups: Vec<Vec<Cmd>>) -> Result<Vec<redis::Value>, RedisError> {
+        Ok(self
+            .per_key_all(groups)
+            .await?
+            .into_iter()
+            .map(|answers| answers.into_iter().next().unwrap_or(redis::Value::Nil))
+            .collect())
+    }
+
+    /// Runs groups of commands, each group about one key, and returns every
+    /// answer, group by group. On a standalone server all groups go in one
+    /// pipelined round trip; on a cluster each group is its own pipeline
+    /// (its key decides the node), many in flight at once.
+    pub async fn per_key_all(
+        &self,
+        groups: Vec<Vec<Cmd>>,
+    ) -> Result<Vec<Vec<redis::Value>>, RedisError> {
+        fn pipeline_of(groups: impl IntoIterator<Item = Vec<Cmd>>) -> Pipeline {
+            let mut pipe = redis::pipe();
+            for cmd in groups.into_iter().flatten() {
+                pipe.add_command(cmd);
+            }
+            pipe
+        }
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.connection {
+            Connection::Standalone(_) => {
+                let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+                let flat: Vec<redis::Value> = self.pipeline(&pipeline_of(groups)).await?;
+                let mut flat = flat.into_iter();
+                Ok(sizes
+                    .into_iter()
+                    .map(|n| flat.by_ref().take(n).collect())
+                    .collect())
+            }
+            Connection::Cluster(_) => {
+                use futures::StreamExt;
+                futures::stream::iter(groups)
+                    .map(|group| async move { self.pipeline(&pipeline_of([group])).await })
+                    .buffered(CLUSTER_GROUPS_IN_FLIGHT)
+                    .collect::<Vec<Result<_, RedisError>>>()
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+
+    /// Runs a pipeline; on a cluster every key of it must share one slot.
+    pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, RedisError> {
+        let result = match &self.connection {
+            Connection::Standalone(c) => pipe.query_async(&mut c.clone()).await,
+            Connection::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        };
+        result.map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            host_port("127.0.0.1:6379").unwrap(),
+            ("127.0.0.1".into(), 6379)
+        );
+        assert_eq!(host_port("redis://h:1/").unwrap(), ("h".into(), 1));
+        assert_eq!(host_port("[::1]:7000").unwrap(), ("::1".into(), 7000));
+        assert!(host_port("nohost").is_err());
+        assert!(host_port(":1").is_err());
+        assert!(host_port("h:port").is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! Telemetry: logs (`tracing`, console or JSON by `log.format`, filter from
+//! `RUST_LOG` or `log.level`), W3C trace context carried from events to
+//! gateways (`trace`), optional OTLP span export (`log.otlp_endpoint`),
+//! Prometheus metrics (`metrics`) and the admin HTTP port with health and
+//! readiness (`admin`).
+
+pub mod admin;
+pub mod metrics;
+pub mod trace;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogConfig, LogFormat};
+
+static PROVIDER: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+
+/// Flushes spans still waiting for export (call before exit).
+pub fn flush() {
+    if let Some(p) = PROVIDER.get() {
+        let _ = p.force_flush();
+    }
+}
+
+/// Installs the global subscriber; a second call (tests) keeps the first.
+/// Spans always carry OpenTelemetry context, so trace ids propagate even
+/// when nothing exports them.
+pub fn init(cfg: &LogConfig) {
+    if PROVIDER.get().is_some() {
+        return;
+    }
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut provider = SdkTracerProvider::builder().with_resource(
+        Resource::builder()
+            .with_service_name("resonance-task")
+            .build(),
+    );
+    if let Some(endpoint) = &cfg.otlp_endpoint {
+        crate::tls::install_provider();
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint.clone())
+            .build()
+        {
+            Ok(exporter) => provider = provider.with_batch_exporter(exporter),
+            Err(e) => eprintln!("OTLP export to {endpoint} disabled: {e}"),
+        }
+    }
+    let provider = PROVIDER.get_or_init(|| provider.build());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("resonance-task"));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let _ = match cfg.format {
+        LogFormat::Console => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+}
