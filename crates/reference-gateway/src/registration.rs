@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use resonance_task::config::EtcdConfig;
 use resonance_task::registry::{ServiceInstance, connect};
-use resonance_task::retry::Backoff;
+use resonance_task::retry::{Backoff, pause};
 
 /// How long the first registration retries a failing etcd before giving up,
 /// so a gateway started alongside etcd does not lose the race.
@@ -63,7 +63,9 @@ impl Registration {
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => {
                     tracing::warn!(key = %self.key, error = %e, "registering failed; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    if !pause(&cancel, &mut backoff).await {
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -110,9 +112,8 @@ impl Registration {
             if let Err(e) = result {
                 tracing::warn!(key = %self.key, error = %e, "etcd lease keep-alive failed; re-registering");
                 loop {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    if !pause(&cancel, &mut backoff).await {
+                        return;
                     }
                     match self.connect_and_put().await {
                         Ok((c, l)) => {

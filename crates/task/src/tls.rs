@@ -33,6 +33,32 @@ pub struct TlsConfig {
     pub server_name: Option<String>,
 }
 
+impl TlsConfig {
+    /// What is wrong with the settings of `section` (e.g. `etcd.tls`), as
+    /// (key, reason): a server name where the client cannot use one
+    /// (`names_server` false), or files that are missing or not PEM.
+    pub fn problems(&self, section: &str, names_server: bool) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        if let Some(name) = &self.server_name {
+            let key = format!("{section}.server_name");
+            if !names_server {
+                found.push((
+                    key.clone(),
+                    "is not supported here; address the server by a name its certificate carries"
+                        .to_string(),
+                ));
+            }
+            if name.trim().is_empty() {
+                found.push((key, "must not be empty".to_string()));
+            }
+        }
+        if let Err(e) = TlsMaterial::read(section, self) {
+            found.push((e.key, format!("{}: {}", e.path.display(), e.reason)));
+        }
+        found
+    }
+}
+
 /// Makes ring (which the NATS client links already) the process's TLS
 /// crypto provider: reqwest and redis are built without a default one.
 /// Call before building any such client; a second call is harmless.

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
-use crate::retry::Backoff;
+use crate::retry::{Backoff, pause_for};
 use crate::telemetry;
 
 /// Why the event was dead-lettered.
@@ -162,10 +162,10 @@ pub async fn rescue_exhausted(
             Err(error) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, %subject, retry_in = ?delay, "cannot follow max-deliveries advisories");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => continue,
+                if pause_for(&stop, delay).await {
+                    continue;
                 }
+                return;
             }
         };
         backoff.reset();
@@ -214,9 +214,8 @@ async fn rescue(
             Err(error) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in = ?delay, "exhausted message not moved yet");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                if !pause_for(stop, delay).await {
+                    return;
                 }
             }
         }

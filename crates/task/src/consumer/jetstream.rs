@@ -26,7 +26,7 @@ use super::{Attempt, Decision, MessageHandler};
 use crate::config::ConsumerConfig;
 use crate::dispatch::Turn;
 use crate::lifecycle::Lifecycle;
-use crate::retry::Backoff;
+use crate::retry::{Backoff, pause_for};
 use crate::telemetry::{self, admin::Readiness};
 
 #[derive(Debug, thiserror::Error)]
@@ -446,9 +446,8 @@ impl<H: MessageHandler> Intake<H> {
             if let Err(e) = dead_letter::ensure_stream(&self.js, &self.cfg).await {
                 tracing::warn!(error = %e, "dead-letter stream not recreated");
             }
-            tokio::select! {
-                _ = abort.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
+            if !pause_for(abort, delay).await {
+                return false;
             }
         }
     }
