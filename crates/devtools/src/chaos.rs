@@ -359,10 +359,13 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     let sql_proxy = FaultProxy::start(([127, 0, 0, 1], pg_port).into())
         .await
         .map_err(setup)?;
-    let result = run_with(
-        &opts, &mut nats, &mut etcd, &mut redis, &database, &sql_proxy, started,
-    )
-    .await;
+    let servers = Servers {
+        nats: &mut nats,
+        etcd: &mut etcd,
+        redis: &mut redis,
+        sql_proxy: &sql_proxy,
+    };
+    let result = run_with(&opts, servers, &database, started).await;
     database.drop_it().await;
     result
 }
@@ -373,73 +376,149 @@ fn url_port(url: &str) -> Option<u16> {
     host.rsplit_once(':')?.1.parse().ok()
 }
 
-async fn run_with(
-    opts: &ChaosOptions,
-    nats: &mut LocalServer,
-    etcd: &mut LocalServer,
-    redis: &mut LocalServer,
-    database: &ScratchDatabase,
-    sql_proxy: &FaultProxy,
-    started: tokio::time::Instant,
-) -> Result<ChaosReport, ChaosError> {
-    let mut config = Config::default();
-    config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
-    config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
-    config.redis.addr = format!("127.0.0.1:{}", redis.port);
-    config.database.url = SecretUrl::new(database.url(Some(sql_proxy.addr.port())));
+/// The private servers a run breaks.
+struct Servers<'a> {
+    nats: &'a mut LocalServer,
+    etcd: &'a mut LocalServer,
+    redis: &'a mut LocalServer,
+    /// Between the pods and PostgreSQL.
+    sql_proxy: &'a FaultProxy,
+}
 
-    // Seed directly, not through the proxy.
-    let mut direct = config.database.clone();
-    direct.url = SecretUrl::new(database.url(None));
-    let (pool, dialect) = connect_database(&direct).await.map_err(setup)?;
-    migrate(&pool, dialect, &direct).await.map_err(setup)?;
-    let members = MemberStore::new(pool, dialect);
-    let plan = SeedPlan {
-        users: opts.users,
-        user_prefix: "user-".into(),
-        mix: opts.sessions.clone(),
-        rng_seed: opts.rng_seed,
-    };
-    seed(&members, &plan).await.map_err(setup)?;
-
-    let env = env_for(&config);
-    let share = opts.users * 3 / 10;
-    let journals = tempfile::tempdir().map_err(setup)?;
-    let gateways: Vec<Gateway> = (0..3)
-        .map(|i| Gateway {
-            id: format!("gateway-{:03}", i + 1),
-            journal: journals.path().join(format!("gateway-{:03}.ledger", i + 1)),
-            grpc: free_port(),
-            http: free_port(),
-            users: i * share..(i + 1) * share,
-            // Both push protocols face the faults.
-            batch: i != 2,
-        })
-        .collect();
-    let mut gateway_processes = Vec::new();
-    for g in &gateways {
-        gateway_processes.push(g.start(opts, &env).await?);
+impl Servers<'_> {
+    /// The shipped defaults, pointed at these servers (SQL through the
+    /// proxy).
+    fn config(&self, database: &ScratchDatabase) -> Config {
+        let mut config = Config::default();
+        config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", self.nats.port));
+        config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", self.etcd.port)];
+        config.redis.addr = format!("127.0.0.1:{}", self.redis.port);
+        config.database.url = SecretUrl::new(database.url(Some(self.sql_proxy.addr.port())));
+        config
     }
-    let watch = Lifecycle::new();
-    let registry = GatewayRegistry::spawn(
-        &config.etcd,
-        &config.registry,
-        &config.gateway_service_name,
-        &watch,
-    );
-    let all_registered =
-        tokio::time::timeout(Duration::from_secs(60), registry.wait_for(|m| m.len() == 3)).await;
-    watch.stop.cancel();
-    all_registered.map_err(|_| setup("gateways did not register within 60 s"))?;
+}
 
-    let mut pods = vec![
-        start_pod(opts, &env, 1).await?,
-        start_pod(opts, &env, 2).await?,
-    ];
-    let client = resonance_task::nats::connect(&config.nats, "resonance-task-chaos")
-        .await
-        .map_err(setup)?;
-    let js = jetstream::new(client.clone());
+/// The processes of a run, started from this binary: three reference
+/// gateways (two batch-v1, one upstream-style) and the pods.
+struct Fleet {
+    env: Vec<(String, String)>,
+    gateways: Vec<Gateway>,
+    gateway_processes: Vec<LocalServer>,
+    pods: Vec<LocalServer>,
+    _journals: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts the gateways, waits until all are registered, then starts
+    /// two pods.
+    async fn start(opts: &ChaosOptions, config: &Config) -> Result<Self, ChaosError> {
+        let env = env_for(config);
+        let share = opts.users * 3 / 10;
+        let journals = tempfile::tempdir().map_err(setup)?;
+        let gateways: Vec<Gateway> = (0..3)
+            .map(|i| Gateway {
+                id: format!("gateway-{:03}", i + 1),
+                journal: journals.path().join(format!("gateway-{:03}.ledger", i + 1)),
+                grpc: free_port(),
+                http: free_port(),
+                users: i * share..(i + 1) * share,
+                // Both push protocols face the faults.
+                batch: i != 2,
+            })
+            .collect();
+        let mut gateway_processes = Vec::new();
+        for g in &gateways {
+            gateway_processes.push(g.start(opts, &env).await?);
+        }
+        let watch = Lifecycle::new();
+        let registry = GatewayRegistry::spawn(
+            &config.etcd,
+            &config.registry,
+            &config.gateway_service_name,
+            &watch,
+        );
+        let all_registered =
+            tokio::time::timeout(Duration::from_secs(60), registry.wait_for(|m| m.len() == 3))
+                .await;
+        watch.drain(Duration::from_secs(5), None).await;
+        all_registered.map_err(|_| setup("gateways did not register within 60 s"))?;
+        let pods = vec![
+            start_pod(opts, &env, 1).await?,
+            start_pod(opts, &env, 2).await?,
+        ];
+        Ok(Self {
+            env,
+            gateways,
+            gateway_processes,
+            pods,
+            _journals: journals,
+        })
+    }
+
+    fn stats(&self) -> StatsClient {
+        StatsClient::new(
+            self.gateways
+                .iter()
+                .map(|g| format!("http://127.0.0.1:{}/stats", g.http))
+                .collect(),
+        )
+    }
+
+    fn gateway_ids(&self) -> HashSet<String> {
+        self.gateways.iter().map(|g| g.id.clone()).collect()
+    }
+
+    async fn stop(&mut self) {
+        for pod in &mut self.pods {
+            pod.stop().await;
+        }
+        for g in &mut self.gateway_processes {
+            g.stop().await;
+        }
+    }
+}
+
+/// What the publisher has sent so far.
+#[derive(Default)]
+struct Sent {
+    events: AtomicU64,
+    poison: AtomicU64,
+    /// Fingerprints of the poison payloads.
+    poison_payloads: std::sync::Mutex<HashSet<u64>>,
+}
+
+/// Publishes `events` at `opts.rate`, a poison payload after every
+/// `opts.poison_every` of them, each confirmed by the stream.
+fn spawn_publisher(
+    opts: &ChaosOptions,
+    js: jetstream::Context,
+    subject: String,
+    events: Vec<resonance_task::proto::PushEvent>,
+    sent: Arc<Sent>,
+) -> tokio::task::JoinHandle<()> {
+    let (rate, every, seed) = (opts.rate, opts.poison_every.max(1), opts.rng_seed);
+    tokio::spawn(async move {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+        let mut pacer = Pacer::new(rate);
+        for (i, e) in events.into_iter().enumerate() {
+            pacer.tick().await;
+            publish_confirmed(&js, &subject, &e.msg_id.to_string(), e.encode_to_vec()).await;
+            sent.events.fetch_add(1, Ordering::Relaxed);
+            if i % every == every - 1 {
+                let n = sent.poison.fetch_add(1, Ordering::Relaxed);
+                let payload = poison(&mut rng, n);
+                sent.poison_payloads
+                    .lock()
+                    .expect("poison set")
+                    .insert(fingerprint(&payload));
+                publish_confirmed(&js, &subject, &format!("poison-{seed}-{n}"), payload).await;
+            }
+        }
+    })
+}
+
+/// Waits until a pod has bound the durable consumer.
+async fn wait_for_consumer(js: &jetstream::Context, config: &Config) -> Result<(), ChaosError> {
     let bound = async {
         loop {
             if let Ok(s) = js.get_stream(&config.consumer.stream).await
@@ -454,144 +533,182 @@ async fn run_with(
     };
     tokio::time::timeout(Duration::from_secs(60), bound)
         .await
-        .map_err(|_| setup("pods did not bind the consumer within 60 s"))?;
+        .map_err(|_| setup("pods did not bind the consumer within 60 s"))
+}
 
-    let redis_client = RedisClient::connect(&config.redis).await.map_err(setup)?;
-    let routes = RouteStore::new(redis_client, 500, 4);
-    let stats = StatsClient::new(
-        gateways
-            .iter()
-            .map(|g| format!("http://127.0.0.1:{}/stats", g.http))
-            .collect(),
-    );
-    let gateway_ids: HashSet<String> = gateways.iter().map(|g| g.id.clone()).collect();
-    let sessions = load_sessions(&members, &routes, &gateway_ids).await?;
-
-    // Publisher.
-    let poison_injected = Arc::new(AtomicU64::new(0));
-    let poison_sent = Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
-    let published = Arc::new(AtomicU64::new(0));
-    let mut rng = StdRng::seed_from_u64(opts.rng_seed);
-    let base = super::publish::fresh_msg_id_base();
-    let mut expectation = Expectation::default();
-    let mut events = Vec::with_capacity(opts.events);
-    for i in 0..opts.events {
-        events.push(expectation.draw(&mut rng, &sessions, true, base + i as i64));
-    }
-    let publisher = {
-        let (js, subject) = (js.clone(), config.consumer.topic.clone());
-        let (poison_injected, published) = (poison_injected.clone(), published.clone());
-        let poison_sent = poison_sent.clone();
-        let (rate, every, seed) = (opts.rate, opts.poison_every.max(1), opts.rng_seed);
-        tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-            let mut pacer = Pacer::new(rate);
-            for (i, e) in events.into_iter().enumerate() {
-                pacer.tick().await;
-                publish_confirmed(&js, &subject, &e.msg_id.to_string(), e.encode_to_vec()).await;
-                published.fetch_add(1, Ordering::Relaxed);
-                if i % every == every - 1 {
-                    let n = poison_injected.fetch_add(1, Ordering::Relaxed);
-                    let payload = poison(&mut rng, n);
-                    poison_sent
-                        .lock()
-                        .expect("poison set")
-                        .insert(fingerprint(&payload));
-                    publish_confirmed(&js, &subject, &format!("poison-{seed}-{n}"), payload).await;
-                }
-            }
-        })
+/// Seeds the sessions straight into the database, not through the proxy.
+async fn seed_sessions(
+    opts: &ChaosOptions,
+    config: &Config,
+    database: &ScratchDatabase,
+) -> Result<MemberStore, ChaosError> {
+    let mut direct = config.database.clone();
+    direct.url = SecretUrl::new(database.url(None));
+    let (pool, dialect) = connect_database(&direct).await.map_err(setup)?;
+    migrate(&pool, dialect, &direct).await.map_err(setup)?;
+    let members = MemberStore::new(pool, dialect);
+    let plan = SeedPlan {
+        users: opts.users,
+        user_prefix: "user-".into(),
+        mix: opts.sessions.clone(),
+        rng_seed: opts.rng_seed,
     };
+    seed(&members, &plan).await.map_err(setup)?;
+    Ok(members)
+}
 
-    // Faults, in turn.
-    let mut faults = Vec::new();
+/// Breaks every dependency in turn, `opts.fault_gap` apart: a pod, NATS,
+/// Redis, etcd, SQL, a gateway killed, a gateway stalled.
+async fn inject_faults(
+    opts: &ChaosOptions,
+    servers: &mut Servers<'_>,
+    fleet: &mut Fleet,
+    fault: &mut impl FnMut(String),
+) -> Result<(), ChaosError> {
     let gap = opts.fault_gap;
-    let mut fault = |name: String| {
-        tracing::warn!(fault = %name, elapsed = ?started.elapsed(), "injecting fault");
-        eprintln!("chaos: t={:>5.1}s {name}", started.elapsed().as_secs_f64());
-        faults.push(name);
-    };
     tokio::time::sleep(gap).await;
     fault("SIGKILL pod 1, start pod 3".into());
-    pods[0].kill();
-    pods.push(start_pod(opts, &env, 3).await?);
+    fleet.pods[0].kill();
+    fleet.pods.push(start_pod(opts, &fleet.env, 3).await?);
     tokio::time::sleep(gap).await;
     fault("restart NATS (SIGKILL)".into());
-    nats.kill();
-    nats.start().await?;
+    servers.nats.kill();
+    servers.nats.start().await?;
     tokio::time::sleep(gap).await;
     fault("restart Redis (SIGTERM)".into());
-    redis.stop().await;
-    redis.start().await?;
+    servers.redis.stop().await;
+    servers.redis.start().await?;
     tokio::time::sleep(gap).await;
     fault("restart etcd (SIGKILL)".into());
-    etcd.kill();
-    etcd.start().await?;
+    servers.etcd.kill();
+    servers.etcd.start().await?;
     tokio::time::sleep(gap).await;
     fault(format!("cut SQL for {:?}", opts.sql_cut));
-    sql_proxy.set(ProxyMode::Cut);
+    servers.sql_proxy.set(ProxyMode::Cut);
     tokio::time::sleep(opts.sql_cut).await;
-    sql_proxy.set(ProxyMode::Pass);
+    servers.sql_proxy.set(ProxyMode::Pass);
     tokio::time::sleep(gap).await;
     fault("restart gateway-001 (SIGKILL)".into());
-    gateway_processes[0].kill();
-    gateway_processes[0].start().await?;
+    fleet.gateway_processes[0].kill();
+    fleet.gateway_processes[0].start().await?;
     tokio::time::sleep(gap).await;
     fault(format!(
         "stall gateway-002 for {:?} (SIGSTOP)",
         opts.gateway_stall
     ));
-    if let Some(pid) = gateway_processes[1].pid() {
+    if let Some(pid) = fleet.gateway_processes[1].pid() {
         servers::signal(pid, "STOP").map_err(setup)?;
         tokio::time::sleep(opts.gateway_stall).await;
         servers::signal(pid, "CONT").map_err(setup)?;
     }
     tokio::time::sleep(gap).await;
-    let duplicates_before_rolling_restarts = expectation.compare(&stats.fetch().await?).duplicates;
-    let rolling_restarts =
-        rolling_restart(opts, &env, &mut pods, &gateway_processes[1], &mut fault).await?;
+    Ok(())
+}
 
-    publisher.await.map_err(setup)?;
-    eprintln!(
-        "chaos: t={:>5.1}s published {} events and {} poison payloads; waiting for deliveries",
-        started.elapsed().as_secs_f64(),
-        published.load(Ordering::Relaxed),
-        poison_injected.load(Ordering::Relaxed)
-    );
-    let last = expectation.wait(&stats, opts.settle_timeout).await?;
-    let received = expectation.compare(&last);
+/// What the dead letters say about the run.
+struct DeadLetterCount {
+    total: usize,
+    /// Distinct poison payloads found (a publish retried across the NATS
+    /// restart can be stored twice).
+    poison: usize,
+    /// Valid events of this run among them (should be none).
+    valid: usize,
+    msg_ids: HashSet<i64>,
+}
 
-    let audit = audit(&js, &config, opts.settle_timeout).await?;
-    let letters = dlq::list(&js, &config.consumer).await.map_err(setup)?;
-    // A publish retried across the NATS restart can be stored twice, so
-    // count distinct payloads.
-    let sent = poison_sent.lock().expect("poison set").clone();
+async fn count_dead_letters(
+    js: &jetstream::Context,
+    config: &Config,
+    sent: &Sent,
+    valid_ids: std::ops::Range<i64>,
+) -> Result<DeadLetterCount, ChaosError> {
+    let letters = dlq::list(js, &config.consumer).await.map_err(setup)?;
+    let poison = sent.poison_payloads.lock().expect("poison set").clone();
     let found: HashSet<u64> = letters
         .iter()
         .map(|l| fingerprint(&l.payload))
-        .filter(|f| sent.contains(f))
+        .filter(|f| poison.contains(f))
         .collect();
-    let valid_dead_lettered = letters
-        .iter()
-        .filter(|l| {
-            l.msg_id
-                .is_some_and(|id| id >= base && id < base + opts.events as i64)
-        })
-        .count();
-    let dead_ids: HashSet<i64> = letters.iter().filter_map(|l| l.msg_id).collect();
+    Ok(DeadLetterCount {
+        total: letters.len(),
+        poison: found.len(),
+        valid: letters
+            .iter()
+            .filter(|l| l.msg_id.is_some_and(|id| valid_ids.contains(&id)))
+            .count(),
+        msg_ids: letters.iter().filter_map(|l| l.msg_id).collect(),
+    })
+}
+
+async fn run_with(
+    opts: &ChaosOptions,
+    mut servers: Servers<'_>,
+    database: &ScratchDatabase,
+    started: tokio::time::Instant,
+) -> Result<ChaosReport, ChaosError> {
+    let config = servers.config(database);
+    let members = seed_sessions(opts, &config, database).await?;
+    let mut fleet = Fleet::start(opts, &config).await?;
+    let client = resonance_task::nats::connect(&config.nats, "resonance-task-chaos")
+        .await
+        .map_err(setup)?;
+    let js = jetstream::new(client.clone());
+    wait_for_consumer(&js, &config).await?;
+
+    let redis_client = RedisClient::connect(&config.redis).await.map_err(setup)?;
+    let routes = RouteStore::new(redis_client, 500, 4);
+    let stats = fleet.stats();
+    let sessions = load_sessions(&members, &routes, &fleet.gateway_ids()).await?;
+    let mut rng = StdRng::seed_from_u64(opts.rng_seed);
+    let base = super::publish::fresh_msg_id_base();
+    let mut expectation = Expectation::default();
+    let events: Vec<_> = (0..opts.events)
+        .map(|i| expectation.draw(&mut rng, &sessions, true, base + i as i64))
+        .collect();
+    let sent = Arc::new(Sent::default());
+    let publisher = spawn_publisher(
+        opts,
+        js.clone(),
+        config.consumer.topic.clone(),
+        events,
+        sent.clone(),
+    );
+
+    let mut faults = Vec::new();
+    let mut fault = |name: String| {
+        tracing::warn!(fault = %name, elapsed = ?started.elapsed(), "injecting fault");
+        eprintln!("chaos: t={:>5.1}s {name}", started.elapsed().as_secs_f64());
+        faults.push(name);
+    };
+    inject_faults(opts, &mut servers, &mut fleet, &mut fault).await?;
+    let duplicates_before_rolling_restarts = expectation.compare(&stats.fetch().await?).duplicates;
+    let rolling_restarts = rolling_restart(
+        opts,
+        &fleet.env,
+        &mut fleet.pods,
+        &fleet.gateway_processes[1],
+        &mut fault,
+    )
+    .await?;
+
+    publisher.await.map_err(setup)?;
+    let poison_injected = sent.poison.load(Ordering::Relaxed);
+    eprintln!(
+        "chaos: t={:>5.1}s published {} events and {poison_injected} poison payloads; waiting for deliveries",
+        started.elapsed().as_secs_f64(),
+        sent.events.load(Ordering::Relaxed),
+    );
+    let last = expectation.wait(&stats, opts.settle_timeout).await?;
+    let received = expectation.compare(&last);
+    let audit = audit(&js, &config, opts.settle_timeout).await?;
+    let dead = count_dead_letters(&js, &config, &sent, base..base + opts.events as i64).await?;
     let stranded = expectation
         .incomplete(&last)
         .into_iter()
-        .filter(|id| !dead_ids.contains(id))
+        .filter(|id| !dead.msg_ids.contains(id))
         .count() as u64
-        + (poison_injected.load(Ordering::Relaxed) - found.len() as u64);
-    for pod in &mut pods {
-        pod.stop().await;
-    }
-    for g in &mut gateway_processes {
-        g.stop().await;
-    }
-    watch.drain(Duration::from_secs(5), None).await;
+        + (poison_injected - dead.poison as u64);
+    fleet.stop().await;
     Ok(ChaosReport {
         events: expectation.events(),
         expected: expectation.expected,
@@ -604,10 +721,10 @@ async fn run_with(
             received.duplicates as f64 * 100.0 / received.delivered as f64
         },
         unexpected: received.unexpected,
-        dead_lettered: letters.len(),
-        poison_injected: poison_injected.load(Ordering::Relaxed),
-        poison_dead_lettered: found.len(),
-        valid_dead_lettered,
+        dead_lettered: dead.total,
+        poison_injected,
+        poison_dead_lettered: dead.poison,
+        valid_dead_lettered: dead.valid,
         stranded,
         stream_left: audit.stream_left,
         consumer_pending: audit.pending,

@@ -90,125 +90,11 @@ impl DevCommand {
                     pki.dir.display()
                 );
             }
-            Self::Seed(args) => {
-                let store = member_store(&config).await?;
-                let plan = SeedPlan {
-                    users: args.users,
-                    user_prefix: args.user_prefix,
-                    mix: args.sessions,
-                    rng_seed: args.rng_seed,
-                };
-                let summary = seed(&store, &plan).await?;
-                println!("{}", serde_json::to_string(&summary)?);
-            }
-            Self::Publish(args) => {
-                let nats = connect_nats(&config.nats, "resonance-task-publish").await?;
-                let template = EventTemplate {
-                    session_id: args.session,
-                    session_type: args.session_type,
-                    from_username: args.from,
-                    to_username: args.to,
-                    content: args.content,
-                    kind: args.kind,
-                };
-                let first = args.msg_id.unwrap_or_else(fresh_msg_id_base);
-                let ids = publish(
-                    &nats,
-                    &config.consumer.topic,
-                    &template,
-                    first,
-                    args.count,
-                    args.rate,
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("publishing to {}: {e}", config.consumer.topic))?;
-                println!(
-                    "published {} events, msg_id {}..={}",
-                    ids.len(),
-                    first,
-                    first + ids.len() as i64 - 1
-                );
-            }
-            Self::Bench(args) => {
-                let report = bench::run(bench::BenchOptions {
-                    modes: args.modes,
-                    group_size: args.group_size,
-                    gateways: args.gateways,
-                    deliveries: args.deliveries,
-                    latency_group_size: args.latency_group_size,
-                    latency_seconds: args.latency_seconds,
-                    sweep: args.sweep.then_some(args.sweep_dir),
-                    storm: args.storm,
-                    priority: args.priority,
-                    tls: args.tls,
-                    progress: !args.no_progress && std::io::stderr().is_terminal(),
-                    tuning: config,
-                })
-                .await?;
-                print!("{}", report.to_text());
-                if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
-                }
-            }
-            Self::Chaos(args) => {
-                let opts = chaos::ChaosOptions {
-                    binary: std::env::current_exe().context("locating this binary")?,
-                    events: args.events,
-                    rate: args.rate,
-                    users: args.users,
-                    sessions: args.sessions,
-                    postgres_admin_url: args.postgres,
-                    fault_gap: Duration::from_secs_f64(args.fault_gap),
-                    sql_cut: Duration::from_secs_f64(args.sql_cut),
-                    gateway_stall: Duration::from_secs_f64(args.stall),
-                    poison_every: args.poison_every,
-                    settle_timeout: Duration::from_secs(args.settle_timeout),
-                    rng_seed: args.rng_seed,
-                };
-                let report = chaos::run(opts).await?;
-                print!("{}", report.to_text());
-                if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
-                }
-                if !report.passed() {
-                    bail!(
-                        "chaos run failed: {} lost, {} stranded, {} left in the work queue, {} of {} poison payloads dead-lettered, {} valid events dead-lettered",
-                        report.lost,
-                        report.stranded,
-                        report.stream_left,
-                        report.poison_dead_lettered,
-                        report.poison_injected,
-                        report.valid_dead_lettered
-                    );
-                }
-            }
-            Self::Workload(args) => {
-                let store = member_store(&config).await?;
-                let redis = RedisClient::connect(&config.redis).await?;
-                let routes = RouteStore::new(
-                    redis,
-                    config.dispatch.route_chunk_size,
-                    config.dispatch.route_concurrency,
-                );
-                let nats = connect_nats(&config.nats, "resonance-task-workload").await?;
-                let opts = WorkloadOptions {
-                    events: args.events,
-                    rate: args.rate,
-                    stats_urls: args.stats,
-                    push_to_sender: config.dispatch.push_to_sender,
-                    rng_seed: args.rng_seed,
-                    settle_timeout: Duration::from_secs(args.settle_timeout),
-                    subject: config.consumer.topic.clone(),
-                };
-                let report = workload::run(&opts, &store, &routes, &nats).await?;
-                print!("{}", report.to_text());
-                if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
-                }
-                if report.lost > 0 {
-                    bail!("{} expected deliveries were lost", report.lost);
-                }
-            }
+            Self::Seed(args) => run_seed(args, config).await?,
+            Self::Publish(args) => run_publish(args, config).await?,
+            Self::Bench(args) => run_bench(args, config).await?,
+            Self::Chaos(args) => run_chaos(args).await?,
+            Self::Workload(args) => run_workload(args, config).await?,
         }
         Ok(())
     }
@@ -364,4 +250,139 @@ async fn member_store(config: &Config) -> Result<MemberStore> {
     let (pool, dialect) = connect_database(&config.database).await?;
     migrate(&pool, dialect, &config.database).await?;
     Ok(MemberStore::new(pool, dialect))
+}
+
+/// `seed`: sessions and members drawn from simulated users.
+async fn run_seed(args: SeedArgs, config: Config) -> Result<()> {
+    let store = member_store(&config).await?;
+    let plan = SeedPlan {
+        users: args.users,
+        user_prefix: args.user_prefix,
+        mix: args.sessions,
+        rng_seed: args.rng_seed,
+    };
+    let summary = seed(&store, &plan).await?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+/// `publish`: events as the logic service sends them.
+async fn run_publish(args: PublishArgs, config: Config) -> Result<()> {
+    let nats = connect_nats(&config.nats, "resonance-task-publish").await?;
+    let template = EventTemplate {
+        session_id: args.session,
+        session_type: args.session_type,
+        from_username: args.from,
+        to_username: args.to,
+        content: args.content,
+        kind: args.kind,
+    };
+    let first = args.msg_id.unwrap_or_else(fresh_msg_id_base);
+    let ids = publish(
+        &nats,
+        &config.consumer.topic,
+        &template,
+        first,
+        args.count,
+        args.rate,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("publishing to {}: {e}", config.consumer.topic))?;
+    println!(
+        "published {} events, msg_id {}..={}",
+        ids.len(),
+        first,
+        first + ids.len() as i64 - 1
+    );
+    Ok(())
+}
+
+/// `bench`: the report as a table, and as JSON when asked.
+async fn run_bench(args: BenchArgs, config: Config) -> Result<()> {
+    let report = bench::run(bench::BenchOptions {
+        modes: args.modes,
+        group_size: args.group_size,
+        gateways: args.gateways,
+        deliveries: args.deliveries,
+        latency_group_size: args.latency_group_size,
+        latency_seconds: args.latency_seconds,
+        sweep: args.sweep.then_some(args.sweep_dir),
+        storm: args.storm,
+        priority: args.priority,
+        tls: args.tls,
+        progress: !args.no_progress && std::io::stderr().is_terminal(),
+        tuning: config,
+    })
+    .await?;
+    print!("{}", report.to_text());
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+/// `chaos`: on the shipped defaults (no configuration is read); fails when
+/// anything was lost, stranded or wrongly dead-lettered.
+async fn run_chaos(args: ChaosArgs) -> Result<()> {
+    let opts = chaos::ChaosOptions {
+        binary: std::env::current_exe().context("locating this binary")?,
+        events: args.events,
+        rate: args.rate,
+        users: args.users,
+        sessions: args.sessions,
+        postgres_admin_url: args.postgres,
+        fault_gap: Duration::from_secs_f64(args.fault_gap),
+        sql_cut: Duration::from_secs_f64(args.sql_cut),
+        gateway_stall: Duration::from_secs_f64(args.stall),
+        poison_every: args.poison_every,
+        settle_timeout: Duration::from_secs(args.settle_timeout),
+        rng_seed: args.rng_seed,
+    };
+    let report = chaos::run(opts).await?;
+    print!("{}", report.to_text());
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if !report.passed() {
+        bail!(
+            "chaos run failed: {} lost, {} stranded, {} left in the work queue, {} of {} poison payloads dead-lettered, {} valid events dead-lettered",
+            report.lost,
+            report.stranded,
+            report.stream_left,
+            report.poison_dead_lettered,
+            report.poison_injected,
+            report.valid_dead_lettered
+        );
+    }
+    Ok(())
+}
+
+/// `workload`: fails when an expected delivery was lost.
+async fn run_workload(args: WorkloadArgs, config: Config) -> Result<()> {
+    let store = member_store(&config).await?;
+    let redis = RedisClient::connect(&config.redis).await?;
+    let routes = RouteStore::new(
+        redis,
+        config.dispatch.route_chunk_size,
+        config.dispatch.route_concurrency,
+    );
+    let nats = connect_nats(&config.nats, "resonance-task-workload").await?;
+    let opts = WorkloadOptions {
+        events: args.events,
+        rate: args.rate,
+        stats_urls: args.stats,
+        push_to_sender: config.dispatch.push_to_sender,
+        rng_seed: args.rng_seed,
+        settle_timeout: Duration::from_secs(args.settle_timeout),
+        subject: config.consumer.topic.clone(),
+    };
+    let report = workload::run(&opts, &store, &routes, &nats).await?;
+    print!("{}", report.to_text());
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if report.lost > 0 {
+        bail!("{} expected deliveries were lost", report.lost);
+    }
+    Ok(())
 }

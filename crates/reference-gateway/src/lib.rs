@@ -547,6 +547,19 @@ pub struct ReferenceGateway {
     registration: JoinHandle<()>,
     tracker: TaskTracker,
     reply_delay: Arc<AtomicU64>,
+    crashed: bool,
+}
+
+/// A gateway dropped without `stop` still stops: it deregisters, removes
+/// its routes (unless it crashed) and ends its streams, in the background.
+impl Drop for ReferenceGateway {
+    fn drop(&mut self) {
+        self.registered.cancel();
+        if !self.crashed {
+            self.connected.cancel();
+        }
+        self.serving.cancel();
+    }
 }
 
 impl ReferenceGateway {
@@ -688,6 +701,7 @@ impl ReferenceGateway {
             registration,
             tracker,
             reply_delay,
+            crashed: false,
         })
     }
 
@@ -708,12 +722,14 @@ impl ReferenceGateway {
 
     /// Stops like a crash: streams and listener go, but the etcd record and
     /// the routes stay until their TTLs expire.
-    pub async fn crash(self) {
+    pub async fn crash(mut self) {
         self.registration.abort();
         self.serving.cancel();
-        // Route removal waits for `connected`, which a crash never fires.
+        // Route removal waits for `connected`, which a crash never fires
+        // (not even when this value is dropped).
+        self.crashed = true;
         self.tracker.close();
-        let _ = self.registration.await;
+        let _ = (&mut self.registration).await;
     }
 
     /// Stops when `signal` resolves.
@@ -750,7 +766,7 @@ async fn serve_http(
     addr: SocketAddr,
     ledger: Arc<Ledger>,
     tracker: &TaskTracker,
-    cancel: CancellationToken,
+    stop: CancellationToken,
 ) -> Result<SocketAddr, ReferenceGatewayError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -771,7 +787,7 @@ async fn serve_http(
         .route("/stats", get(move || async move { Json(ledger.stats()) }));
     tracker.spawn(async move {
         let served = axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
+            .with_graceful_shutdown(stop.cancelled_owned())
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "reference gateway HTTP server failed");

@@ -53,17 +53,17 @@ impl Registration {
     /// then keeps it alive until `cancel` fires, and revokes it.
     pub async fn register(
         self,
-        cancel: CancellationToken,
+        stop: CancellationToken,
     ) -> Result<impl Future<Output = ()>, RegistrationError> {
         let deadline = tokio::time::Instant::now() + FIRST_REGISTRATION_PATIENCE;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             match self.connect_and_put().await {
-                Ok((client, lease)) => return Ok(self.keep_alive(client, lease, cancel)),
+                Ok((client, lease)) => return Ok(self.keep_alive(client, lease, stop)),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => {
                     tracing::warn!(key = %self.key, error = %e, "registering failed; retrying");
-                    if !pause(&cancel, &mut backoff).await {
+                    if !pause(&stop, &mut backoff).await {
                         return Err(e);
                     }
                 }
@@ -102,17 +102,17 @@ impl Registration {
         Ok(lease)
     }
 
-    async fn keep_alive(self, mut client: Client, mut lease: i64, cancel: CancellationToken) {
+    async fn keep_alive(self, mut client: Client, mut lease: i64, stop: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), self.ttl / 3);
         loop {
             let result = tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = stop.cancelled() => break,
                 r = self.refresh(&mut client, lease) => r,
             };
             if let Err(e) = result {
                 tracing::warn!(key = %self.key, error = %e, "etcd lease keep-alive failed; re-registering");
                 loop {
-                    if !pause(&cancel, &mut backoff).await {
+                    if !pause(&stop, &mut backoff).await {
                         return;
                     }
                     match self.connect_and_put().await {

@@ -50,19 +50,19 @@ impl Backoff {
     }
 }
 
-/// Sleeps `delay` unless `cancel` fires first. Returns `false` when
+/// Sleeps `delay` unless `stop` fires first. Returns `false` when
 /// cancelled, so a loop ends with `if !pause_for(..).await { return }`.
-pub async fn pause_for(cancel: &CancellationToken, delay: Duration) -> bool {
+pub async fn pause_for(stop: &CancellationToken, delay: Duration) -> bool {
     tokio::select! {
-        _ = cancel.cancelled() => false,
+        _ = stop.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
     }
 }
 
-/// Sleeps the backoff's next delay unless `cancel` fires first; `false`
-/// when cancelled.
-pub async fn pause(cancel: &CancellationToken, backoff: &mut Backoff) -> bool {
-    pause_for(cancel, backoff.next_delay()).await
+/// Sleeps the backoff's next delay unless `stop` fires first; `false`
+/// when stopped.
+pub async fn pause(stop: &CancellationToken, backoff: &mut Backoff) -> bool {
+    pause_for(stop, backoff.next_delay()).await
 }
 
 /// A dependency that refused this service at start-up.
@@ -74,7 +74,7 @@ pub struct Refused {
     pub cause: Box<dyn std::error::Error + Send + Sync>,
 }
 
-/// Retries `attempt` with backoff until it succeeds or `cancel` fires
+/// Retries `attempt` with backoff until it succeeds or `stop` fires
 /// (`Ok(None)`). Each failure is logged with `what`, so a dependency that is
 /// down at start-up is named in the log while the pod waits for it. A
 /// server that refuses the credentials or certificates ends the wait with
@@ -82,7 +82,7 @@ pub struct Refused {
 /// help until the configuration changes.
 pub async fn until_ready<T, E, F, Fut>(
     what: &'static str,
-    cancel: &CancellationToken,
+    stop: &CancellationToken,
     mut attempt: F,
 ) -> Result<Option<T>, Refused>
 where
@@ -93,7 +93,7 @@ where
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let result = tokio::select! {
-            _ = cancel.cancelled() => return Ok(None),
+            _ = stop.cancelled() => return Ok(None),
             r = attempt() => r,
         };
         match result {
@@ -108,7 +108,7 @@ where
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(dependency = what, error = %e, retry_in = ?delay, "dependency not ready");
-                if !pause_for(cancel, delay).await {
+                if !pause_for(stop, delay).await {
                     return Ok(None);
                 }
             }

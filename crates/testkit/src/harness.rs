@@ -103,16 +103,41 @@ impl TestDb {
     }
 
     /// Drops a server database (SQLite files go with their temp dir).
-    pub async fn drop_database(self) {
-        if let Some((dialect, admin_url, name)) = &self.admin {
-            let force = if *dialect == Dialect::Postgres {
-                " WITH (FORCE)"
-            } else {
-                ""
-            };
-            admin_exec(admin_url, &format!("DROP DATABASE IF EXISTS {name}{force}")).await;
+    pub async fn drop_database(mut self) {
+        if let Some(admin) = self.admin.take() {
+            drop_server_database(admin).await;
         }
     }
+}
+
+/// A database not dropped by the test (it failed, say) is dropped here, on
+/// a thread of its own: `Drop` cannot wait inside the test's runtime.
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(admin) = self.admin.take() {
+            let dropped = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the drop")
+                    .block_on(drop_server_database(admin));
+            });
+            let _ = dropped.join();
+        }
+    }
+}
+
+async fn drop_server_database((dialect, admin_url, name): (Dialect, String, String)) {
+    let force = if dialect == Dialect::Postgres {
+        " WITH (FORCE)"
+    } else {
+        ""
+    };
+    admin_exec(
+        &admin_url,
+        &format!("DROP DATABASE IF EXISTS {name}{force}"),
+    )
+    .await;
 }
 
 async fn admin_exec(admin_url: &str, sql: &str) {

@@ -31,7 +31,7 @@ pub enum StackError {
     #[error("{what} did not serve on port {port} within {START_TIMEOUT:?}")]
     Timeout { what: &'static str, port: u16 },
     #[error("temporary directory: {0}")]
-    TempDir(std::io::Error),
+    TempDir(#[source] std::io::Error),
 }
 
 /// A free loopback port (the OS picks it; it is free when this returns).

@@ -104,13 +104,13 @@ impl EventTotals {
 
     /// Logs the totals periodically (only when they changed) until
     /// `cancel`, then once more.
-    pub async fn report_until(self, cancel: CancellationToken) {
+    pub async fn report_until(self, stop: CancellationToken) {
         let mut last = TallySnapshot::default();
         let mut tick = tokio::time::interval(INTERVAL);
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = stop.cancelled() => break,
                 _ = tick.tick() => {
                     let now = self.snapshot();
                     if now != last {

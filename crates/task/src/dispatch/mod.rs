@@ -39,9 +39,9 @@ pub enum DispatchError {
     #[error(transparent)]
     Members(#[from] MemberError),
     #[error("looking up routes: {0}")]
-    Routes(RedisError),
+    Routes(#[source] RedisError),
     #[error("reading delivery progress: {0}")]
-    Progress(RedisError),
+    Progress(#[source] RedisError),
 }
 
 impl DispatchError {
@@ -498,7 +498,7 @@ impl Dispatcher {
         batch: plan::GatewayBatch,
         message: &PushMessage,
         trace_headers: &HashMap<String, String>,
-    ) -> Vec<(String, Instant, PendingReply)> {
+    ) -> Vec<QueuedChunk> {
         let endpoint = batch.endpoint;
         let chunk = if self.pool.uses_batch(&endpoint) {
             self.cfg.batch_size
@@ -534,101 +534,20 @@ impl Dispatcher {
         session_size: usize,
         turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
-        let mut turn = turn;
         let started = Instant::now();
         let message = gateway_message(event);
-        let trace_headers = telemetry::trace::headers_of(&tracing::Span::current());
-        let window = (self.cfg.route_chunk_size * self.cfg.route_concurrency)
-            .max(self.cfg.batch_size)
-            .max(1);
         // Queuing (windows in order) and settling (answers as they come,
         // recording progress) run side by side, so answered chunks free
         // their names while later windows are still being queued.
-        let (queued_tx, mut queued_rx) = tokio::sync::mpsc::unbounded_channel();
-        let produce = async {
-            let mut report = FanoutReport::default();
-            let mut gateways = std::collections::HashSet::new();
-            let mut queued_any = false;
-            let mut windows = targets.picked.chunks(window);
-            while let Some(indices) = windows.next() {
-                let names: Vec<String> = indices
-                    .iter()
-                    .map(|&i| targets.names[i as usize].clone())
-                    .collect();
-                let routes = match self.routes.gateway_ids(&names).await {
-                    Ok(routes) => routes,
-                    // Nothing pushed yet: the event as a whole is retried.
-                    Err(e) if !queued_any => return Err(DispatchError::Routes(e)),
-                    // Earlier windows are out: these and the rest fail, and
-                    // only they are retried.
-                    Err(e) => {
-                        let failure = PushFailure::new(FailureKind::Lookup, NO_GATEWAY, &e);
-                        let rest = windows.by_ref().flatten();
-                        report.failed.extend(
-                            names
-                                .into_iter()
-                                .chain(rest.map(|&i| targets.names[i as usize].clone()))
-                                .map(|u| (u, failure.clone())),
-                        );
-                        break;
-                    }
-                };
-                let plan = plan::plan(names, routes, &self.registry.snapshot());
-                for (user, reason) in &plan.offline {
-                    tracing::trace!(username = %user, reason = reason.as_str(), "offline");
-                }
-                count_deliveries("offline", NO_GATEWAY, plan.offline.len());
-                report.offline.extend(plan.offline);
-                gateways.extend(plan.batches.iter().map(|b| b.endpoint.gateway_id.clone()));
-                // Chunks are queued only after the session's previous event
-                // queued all of its own (the first wait does it); the next
-                // event may go once this one's last window is queued.
-                turn.wait().await;
-                let queued = join_all(plan.batches.into_iter().map(|batch| {
-                    let span = tracing::debug_span!(
-                        "gateway_batch",
-                        gateway_id = %batch.endpoint.gateway_id,
-                        recipients = batch.recipients.len()
-                    );
-                    self.enqueue_gateway(batch, &message, &trace_headers)
-                        .instrument(span)
-                }))
-                .await;
-                for chunk in queued.into_iter().flatten() {
-                    queued_any = true;
-                    let _ = queued_tx.send(chunk);
-                }
-            }
-            turn.release();
-            drop(queued_tx);
-            report.gateways = gateways.len();
-            Ok(report)
-        };
-        let settle = async {
-            let mut replies = FanoutReport::default();
-            let mut settling = FuturesUnordered::new();
-            let mut open = true;
-            loop {
-                tokio::select! {
-                    chunk = queued_rx.recv(), if open => match chunk {
-                        Some((gateway_id, sent, answer)) => {
-                            settling.push(self.settle_chunk(gateway_id, event.msg_id, sent, answer));
-                        }
-                        None => open = false,
-                    },
-                    Some((gateway_id, reply)) = settling.next(), if !settling.is_empty() => {
-                        replies.absorb_reply(&gateway_id, reply);
-                    }
-                    else => break,
-                }
-            }
-            replies
-        };
-        let (produced, replies) = tokio::join!(produce, settle);
-        let mut report = produced?;
-        report.delivered += replies.delivered;
-        report.offline.extend(replies.offline);
-        report.failed.extend(replies.failed);
+        let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (queued, answered) = tokio::join!(
+            self.queue_windows(&message, &targets, turn, queued_tx),
+            self.collect_answers(event.msg_id, queued_rx)
+        );
+        let mut report = queued?;
+        report.delivered += answered.delivered;
+        report.offline.extend(answered.offline);
+        report.failed.extend(answered.failed);
         if let Some(offline) = &self.offline {
             self.settle_offline(offline, event, &message, session_size, &mut report)
                 .await;
@@ -645,7 +564,112 @@ impl Dispatcher {
         );
         Ok(report)
     }
+
+    /// Looks up the targets' routes window by window, plans each window per
+    /// gateway and queues its chunks on the gateway streams, handing every
+    /// queued chunk to `queued`. The report holds who is offline and, when
+    /// a later window's lookup fails, who could not be queued; `Err` means
+    /// nothing was queued.
+    async fn queue_windows(
+        &self,
+        message: &PushMessage,
+        targets: &Targets,
+        mut turn: Turn,
+        queued: tokio::sync::mpsc::UnboundedSender<QueuedChunk>,
+    ) -> Result<FanoutReport, DispatchError> {
+        let trace_headers = telemetry::trace::headers_of(&tracing::Span::current());
+        let window = (self.cfg.route_chunk_size * self.cfg.route_concurrency)
+            .max(self.cfg.batch_size)
+            .max(1);
+        let mut report = FanoutReport::default();
+        let mut gateways = std::collections::HashSet::new();
+        let mut queued_any = false;
+        let mut windows = targets.picked.chunks(window);
+        while let Some(indices) = windows.next() {
+            let names: Vec<String> = indices
+                .iter()
+                .map(|&i| targets.names[i as usize].clone())
+                .collect();
+            let routes = match self.routes.gateway_ids(&names).await {
+                Ok(routes) => routes,
+                // Nothing pushed yet: the event as a whole is retried.
+                Err(e) if !queued_any => return Err(DispatchError::Routes(e)),
+                // Earlier windows are out: these and the rest fail, and
+                // only they are retried.
+                Err(e) => {
+                    let failure = PushFailure::new(FailureKind::Lookup, NO_GATEWAY, &e);
+                    let rest = windows.by_ref().flatten();
+                    report.failed.extend(
+                        names
+                            .into_iter()
+                            .chain(rest.map(|&i| targets.names[i as usize].clone()))
+                            .map(|u| (u, failure.clone())),
+                    );
+                    break;
+                }
+            };
+            let plan = plan::plan(names, routes, &self.registry.snapshot());
+            for (user, reason) in &plan.offline {
+                tracing::trace!(username = %user, reason = reason.as_str(), "offline");
+            }
+            count_deliveries("offline", NO_GATEWAY, plan.offline.len());
+            report.offline.extend(plan.offline);
+            gateways.extend(plan.batches.iter().map(|b| b.endpoint.gateway_id.clone()));
+            // Chunks are queued only after the session's previous event
+            // queued all of its own (the first wait does it); the next
+            // event may go once this one's last window is queued.
+            turn.wait().await;
+            let chunks = join_all(plan.batches.into_iter().map(|batch| {
+                let span = tracing::debug_span!(
+                    "gateway_batch",
+                    gateway_id = %batch.endpoint.gateway_id,
+                    recipients = batch.recipients.len()
+                );
+                self.enqueue_gateway(batch, message, &trace_headers)
+                    .instrument(span)
+            }))
+            .await;
+            for chunk in chunks.into_iter().flatten() {
+                queued_any = true;
+                let _ = queued.send(chunk);
+            }
+        }
+        turn.release();
+        report.gateways = gateways.len();
+        Ok(report)
+    }
+
+    /// Waits for the answers to the chunks arriving on `queued`, as they
+    /// come, until the queuing side is done and every answer is in.
+    async fn collect_answers(
+        &self,
+        msg_id: i64,
+        mut queued: tokio::sync::mpsc::UnboundedReceiver<QueuedChunk>,
+    ) -> FanoutReport {
+        let mut answered = FanoutReport::default();
+        let mut settling = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                chunk = queued.recv(), if open => match chunk {
+                    Some((gateway_id, sent, reply)) => {
+                        settling.push(self.settle_chunk(gateway_id, msg_id, sent, reply));
+                    }
+                    None => open = false,
+                },
+                Some((gateway_id, reply)) = settling.next(), if !settling.is_empty() => {
+                    answered.absorb_reply(&gateway_id, reply);
+                }
+                else => break,
+            }
+        }
+        answered
+    }
 }
+
+/// A chunk on a gateway stream: its gateway, when it was queued, and its
+/// reply to come.
+type QueuedChunk = (String, Instant, PendingReply);
 
 /// Whom to push to: some of a shared list of names, by index, so a large
 /// session's member list is not copied per event.

@@ -323,150 +323,183 @@ impl<W: Wire> GatewayStream<W> {
     /// Runs one gRPC call until it breaks, idles or closes. Returns how it
     /// ended and whether any response arrived.
     async fn session(&mut self, channel: Channel, first: PushCommand) -> (SessionEnd, bool) {
-        let inflight = Mutex::new(W::InFlight::default());
-        let sent = Notify::new();
-        let drained = Notify::new();
-        let permits = Arc::new(Semaphore::new(self.cfg.max_in_flight));
+        let call = Call::<W>::new(&self.endpoint.gateway_id, &self.cfg);
         let (requests, request_stream) = mpsc::channel::<W::Request>(1024);
-        let gateway_id = self.endpoint.gateway_id.clone();
-        let request_timeout = self.cfg.request_timeout;
-        let idle_timeout = self.cfg.idle_timeout;
-        let max_in_flight = self.cfg.max_in_flight;
-        let broken =
-            |detail: String| PushFailure::new(FailureKind::StreamBroken, &gateway_id, detail);
-        let answered = AtomicBool::new(false);
-
-        let reader = async {
-            let mut inbound = W::open(channel, ReceiverStream::new(request_stream))
-                .await
-                .map_err(|s| broken(status_text(&s)))?;
-            loop {
-                let message = inbound
-                    .message()
-                    .await
-                    .map_err(|s| broken(status_text(&s)))?;
-                let Some(response) = message else {
-                    return Err::<std::convert::Infallible, _>(broken(
-                        "gateway ended the stream".into(),
-                    ));
-                };
-                answered.store(true, Ordering::Relaxed);
-                let mut guard = inflight.lock().expect("in-flight lock");
-                if guard.answer(response).is_err() {
-                    return Err(broken(
-                        "gateway sent a response that answers no request (none waiting, or another msg_id)".into(),
-                    ));
-                }
-                if guard.is_empty() {
-                    drained.notify_waiters();
-                }
-            }
-        };
-
-        let commands = &mut self.commands;
-        let on_idle = &mut self.on_idle;
-        let writer = async {
-            let mut next = Some(first);
-            loop {
-                let cmd = match next.take() {
-                    Some(cmd) => cmd,
-                    None => match tokio::time::timeout(idle_timeout, commands.recv()).await {
-                        Ok(Some(cmd)) => cmd,
-                        Ok(None) => {
-                            // Senders gone: finish what is in flight, then close.
-                            loop {
-                                let wait = drained.notified();
-                                if inflight.lock().expect("in-flight lock").is_empty() {
-                                    return SessionEnd::Closed;
-                                }
-                                wait.await;
-                            }
-                        }
-                        Err(_) if inflight.lock().expect("in-flight lock").is_empty() => {
-                            if let Some(f) = on_idle.take() {
-                                f();
-                                commands.close();
-                                continue;
-                            }
-                            return SessionEnd::Idle;
-                        }
-                        Err(_) => continue,
-                    },
-                };
-                let n = cmd.pending.recipients().len();
-                let held = permits
-                    .clone()
-                    .acquire_many_owned(n.min(max_in_flight) as u32)
-                    .await
-                    .expect("semaphore is never closed");
-                let batch = {
-                    let mut guard = inflight.lock().expect("in-flight lock");
-                    let was_empty = guard.is_empty();
-                    let batch = W::start(&mut guard, cmd, Instant::now() + request_timeout, held);
-                    if was_empty {
-                        sent.notify_one();
-                    }
-                    batch
-                };
-                for request in batch {
-                    if requests.send(request).await.is_err() {
-                        return SessionEnd::Broken(broken("request stream closed".into()));
-                    }
-                }
-            }
-        };
-
-        let watchdog = async {
-            loop {
-                let wait = sent.notified();
-                let deadline = inflight.lock().expect("in-flight lock").oldest_deadline();
-                match deadline {
-                    None => wait.await,
-                    Some(d) if d <= Instant::now() => {
-                        return PushFailure::new(
-                            FailureKind::Timeout,
-                            &gateway_id,
-                            format!("no response within {request_timeout:?}"),
-                        );
-                    }
-                    Some(d) => tokio::time::sleep_until(d).await,
-                }
-            }
-        };
-
+        let reader = call.read(channel, request_stream);
         tokio::pin!(reader);
         let (end, timed_out) = tokio::select! {
-            end = writer => (end, false),
-            result = &mut reader => match result {
-                Ok(never) => match never {},
-                Err(failure) => (SessionEnd::Broken(failure), false),
-            },
-            failure = watchdog => (SessionEnd::Broken(failure), true),
+            end = call.write(first, &mut self.commands, &mut self.on_idle, requests) => (end, false),
+            failure = &mut reader => (SessionEnd::Broken(failure), false),
+            failure = call.watch() => (SessionEnd::Broken(failure), true),
         };
         if timed_out {
             // A gateway that stalled may resume just as the deadline passes,
             // with its answers already on their way: take them for a short
             // while (nothing new is written) rather than fail, and push
             // again, what it has delivered.
-            let all_answered = async {
-                loop {
-                    let wait = drained.notified();
-                    if inflight.lock().expect("in-flight lock").is_empty() {
-                        return;
-                    }
-                    wait.await;
-                }
-            };
             tokio::select! {
-                _ = tokio::time::sleep(linger(request_timeout)) => {}
+                _ = tokio::time::sleep(linger(call.request_timeout)) => {}
                 _ = &mut reader => {}
-                _ = all_answered => {}
+                _ = call.all_answered() => {}
             }
         }
         if let SessionEnd::Broken(failure) = &end {
-            inflight.lock().expect("in-flight lock").fail_all(failure);
+            call.inflight().fail_all(failure);
         }
-        (end, answered.load(Ordering::Relaxed))
+        (end, call.answered.load(Ordering::Relaxed))
+    }
+}
+
+/// One gRPC call's shared state: what is in flight, the signals between
+/// its writer, reader and watchdog, and the in-flight window.
+struct Call<'a, W: Wire> {
+    gateway_id: &'a str,
+    request_timeout: Duration,
+    idle_timeout: Duration,
+    max_in_flight: usize,
+    inflight: Mutex<W::InFlight>,
+    /// A request went out while nothing was in flight (wakes the watchdog).
+    sent: Notify,
+    /// The last answer in flight arrived.
+    drained: Notify,
+    permits: Arc<Semaphore>,
+    answered: AtomicBool,
+}
+
+impl<'a, W: Wire> Call<'a, W> {
+    fn new(gateway_id: &'a str, cfg: &GatewayPoolConfig) -> Self {
+        Self {
+            gateway_id,
+            request_timeout: cfg.request_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_in_flight: cfg.max_in_flight,
+            inflight: Mutex::new(W::InFlight::default()),
+            sent: Notify::new(),
+            drained: Notify::new(),
+            permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            answered: AtomicBool::new(false),
+        }
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, W::InFlight> {
+        self.inflight.lock().expect("in-flight lock")
+    }
+
+    fn broken(&self, detail: String) -> PushFailure {
+        PushFailure::new(FailureKind::StreamBroken, self.gateway_id, detail)
+    }
+
+    /// Opens the call and matches responses to what is in flight until the
+    /// stream breaks; returns why it broke.
+    async fn read(&self, channel: Channel, requests: mpsc::Receiver<W::Request>) -> PushFailure {
+        let mut inbound = match W::open(channel, ReceiverStream::new(requests)).await {
+            Ok(inbound) => inbound,
+            Err(s) => return self.broken(status_text(&s)),
+        };
+        loop {
+            let response = match inbound.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => return self.broken("gateway ended the stream".into()),
+                Err(s) => return self.broken(status_text(&s)),
+            };
+            self.answered.store(true, Ordering::Relaxed);
+            let mut guard = self.inflight();
+            if guard.answer(response).is_err() {
+                return self.broken(
+                    "gateway sent a response that answers no request (none waiting, or another msg_id)".into(),
+                );
+            }
+            if guard.is_empty() {
+                self.drained.notify_waiters();
+            }
+        }
+    }
+
+    /// Writes `first`, then each command as it comes, inside the in-flight
+    /// window; ends when the senders are gone and everything is answered,
+    /// when the stream idles, or when the request stream closes.
+    async fn write(
+        &self,
+        first: PushCommand,
+        commands: &mut mpsc::Receiver<PushCommand>,
+        on_idle: &mut Option<Box<dyn FnOnce() + Send + Sync>>,
+        requests: mpsc::Sender<W::Request>,
+    ) -> SessionEnd {
+        let mut next = Some(first);
+        loop {
+            let cmd = match next.take() {
+                Some(cmd) => cmd,
+                None => match tokio::time::timeout(self.idle_timeout, commands.recv()).await {
+                    Ok(Some(cmd)) => cmd,
+                    Ok(None) => {
+                        // Senders gone: finish what is in flight, then close.
+                        self.all_answered().await;
+                        return SessionEnd::Closed;
+                    }
+                    Err(_) if self.inflight().is_empty() => {
+                        if let Some(f) = on_idle.take() {
+                            f();
+                            commands.close();
+                            continue;
+                        }
+                        return SessionEnd::Idle;
+                    }
+                    Err(_) => continue,
+                },
+            };
+            let n = cmd.pending.recipients().len();
+            let held = self
+                .permits
+                .clone()
+                .acquire_many_owned(n.min(self.max_in_flight) as u32)
+                .await
+                .expect("semaphore is never closed");
+            let batch = {
+                let mut guard = self.inflight();
+                let was_empty = guard.is_empty();
+                let deadline = Instant::now() + self.request_timeout;
+                let batch = W::start(&mut guard, cmd, deadline, held);
+                if was_empty {
+                    self.sent.notify_one();
+                }
+                batch
+            };
+            for request in batch {
+                if requests.send(request).await.is_err() {
+                    return SessionEnd::Broken(self.broken("request stream closed".into()));
+                }
+            }
+        }
+    }
+
+    /// Returns once the oldest request in flight is past its deadline.
+    async fn watch(&self) -> PushFailure {
+        loop {
+            let wait = self.sent.notified();
+            let deadline = self.inflight().oldest_deadline();
+            match deadline {
+                None => wait.await,
+                Some(d) if d <= Instant::now() => {
+                    return PushFailure::new(
+                        FailureKind::Timeout,
+                        self.gateway_id,
+                        format!("no response within {:?}", self.request_timeout),
+                    );
+                }
+                Some(d) => tokio::time::sleep_until(d).await,
+            }
+        }
+    }
+
+    /// Returns once nothing is in flight.
+    async fn all_answered(&self) {
+        loop {
+            let wait = self.drained.notified();
+            if self.inflight().is_empty() {
+                return;
+            }
+            wait.await;
+        }
     }
 }
 

@@ -20,7 +20,7 @@ pub enum MemberError {
     },
     /// A query shared by concurrent lookups of one session failed.
     #[error("{0}")]
-    Shared(String),
+    Shared(#[source] Arc<MemberError>),
     #[error("writing session {session_id}: {cause}")]
     Write {
         session_id: String,
@@ -178,7 +178,7 @@ impl MemberStore {
                 self.query_members(session_id).await.map(Arc::new)
             })
             .await
-            .map_err(|e| MemberError::Shared(e.to_string()))
+            .map_err(MemberError::Shared)
     }
 
     async fn query_members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {
