@@ -27,11 +27,11 @@ use tokio_util::sync::CancellationToken;
 use resonance_task::config::{Config, ConsumerConfig, ConsumerMode};
 use resonance_task::consumer::jetstream::Intake;
 use resonance_task::consumer::{Attempt, Decision, MessageHandler};
-use resonance_task::lifecycle::Lifecycle;
+use resonance_task::lifecycle::Readiness;
 use resonance_task::proto::OfflineNotice;
 use resonance_task::retry::Backoff;
 use resonance_task::store::{RedisClient, RedisError};
-use resonance_task::telemetry::{self, admin::Readiness};
+use resonance_task::telemetry;
 
 /// What a provider did with one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,7 +331,7 @@ impl MessageHandler for NoticeHandler {
 
 /// Runs the notify worker until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), NotifyError> {
-    let life = Lifecycle::start(&config.admin).await?;
+    let life = telemetry::admin::start(&config.admin).await?;
     let readiness = life.readiness.clone();
     // Neither a registry nor a database is involved here.
     Readiness::set(&readiness.registry_synced, true);

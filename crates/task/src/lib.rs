@@ -54,11 +54,10 @@ use crate::consumer::{EventHandler, EventTotals, LaneRules, RetryPolicy};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::offline::OfflineDelivery;
 use crate::gateway::GatewayPool;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, Readiness};
 use crate::registry::GatewayRegistry;
 use crate::retry::{Refused, until_ready};
 use crate::store::{MemberStore, OfflineStore, ProgressStore, RedisClient, RouteStore};
-use crate::telemetry::admin::Readiness;
 
 /// A cause kept as the source of an error that wraps it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -78,7 +77,7 @@ pub enum RunError {
 /// Runs the task service until `shutdown` resolves: stop intake, let
 /// in-flight events finish (up to a grace period), close gateway streams.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let life = Lifecycle::start(&config.admin).await?;
+    let life = telemetry::admin::start(&config.admin).await?;
     let serve = serve(&config, &life);
     tokio::pin!(serve);
     let result = tokio::select! {

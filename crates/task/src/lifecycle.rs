@@ -1,20 +1,18 @@
 //! The life of a long-running command (a pod, the notify worker): the
 //! `stop` token that ends intake, the `abort` token that ends the grace
-//! period, the tracker every task is spawned on, readiness, and the admin
-//! port. Components take one [`Lifecycle`] rather than loose tokens, and
+//! period, the tracker every task is spawned on, and readiness (which the
+//! admin port reports). Components take one [`Lifecycle`] rather than loose tokens, and
 //! spawn through it, so no task outlives the drain.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-use crate::config::AdminConfig;
-use crate::telemetry;
-use crate::telemetry::admin::Readiness;
 
 #[derive(Clone)]
 pub struct Lifecycle {
@@ -33,7 +31,7 @@ impl Default for Lifecycle {
 }
 
 impl Lifecycle {
-    /// A lifecycle with no admin port (tests, tools).
+    /// A lifecycle with no admin port (`telemetry::admin::start` adds one).
     pub fn new() -> Self {
         Self {
             stop: CancellationToken::new(),
@@ -41,17 +39,6 @@ impl Lifecycle {
             tracker: TaskTracker::new(),
             readiness: Arc::new(Readiness::default()),
         }
-    }
-
-    /// A lifecycle whose admin port (metrics, health, readiness) is served
-    /// when `admin.enabled`.
-    pub async fn start(admin: &AdminConfig) -> Result<Self, telemetry::admin::AdminError> {
-        let lifecycle = Self::new();
-        telemetry::metrics::describe();
-        if admin.enabled {
-            telemetry::admin::serve(admin.listen, &lifecycle).await?;
-        }
-        Ok(lifecycle)
     }
 
     /// Runs `task` on the tracker, so the drain waits for it.
@@ -100,5 +87,43 @@ impl Lifecycle {
                 ),
             }
         }
+    }
+}
+
+/// What readiness depends on; each part is set by the component that knows.
+#[derive(Default)]
+pub struct Readiness {
+    pub nats_connected: AtomicBool,
+    pub consumer_bound: AtomicBool,
+    pub registry_synced: AtomicBool,
+    pub database_reachable: AtomicBool,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ReadyReport {
+    pub(crate) ready: bool,
+    nats_connected: bool,
+    consumer_bound: bool,
+    registry_synced: bool,
+    database_reachable: bool,
+}
+
+impl Readiness {
+    pub(crate) fn report(&self) -> ReadyReport {
+        let nats_connected = self.nats_connected.load(Ordering::Relaxed);
+        let consumer_bound = self.consumer_bound.load(Ordering::Relaxed);
+        let registry_synced = self.registry_synced.load(Ordering::Relaxed);
+        let database_reachable = self.database_reachable.load(Ordering::Relaxed);
+        ReadyReport {
+            ready: nats_connected && consumer_bound && registry_synced && database_reachable,
+            nats_connected,
+            consumer_bound,
+            registry_synced,
+            database_reachable,
+        }
+    }
+
+    pub fn set(flag: &AtomicBool, value: bool) {
+        flag.store(value, Ordering::Relaxed);
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::config::NatsConfig;
-use crate::telemetry::admin::Readiness;
+use crate::lifecycle::Readiness;
 
 /// Connects to NATS with the configured identity. Reconnects forever after
 /// the first connection.

@@ -26,8 +26,9 @@ use super::{Attempt, Decision, MessageHandler};
 use crate::config::ConsumerConfig;
 use crate::dispatch::Turn;
 use crate::lifecycle::Lifecycle;
+use crate::lifecycle::Readiness;
 use crate::retry::{Backoff, pause_for};
-use crate::telemetry::{self, admin::Readiness};
+use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {

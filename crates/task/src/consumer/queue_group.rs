@@ -15,7 +15,7 @@ use super::dead_letter::{self, DeadLetterInfo};
 use super::{Attempt, Decision, EventHandler, MessageHandler};
 use crate::config::ConsumerConfig;
 use crate::lifecycle::Lifecycle;
-use crate::telemetry::admin::Readiness;
+use crate::lifecycle::Readiness;
 
 pub async fn run(
     client: async_nats::Client,

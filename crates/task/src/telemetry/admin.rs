@@ -2,52 +2,13 @@
 //! process is alive) and `/readyz` (NATS connected, consumer bound, registry
 //! synced at least once, database reachable; not ready while any is down).
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use crate::lifecycle::Lifecycle;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
-use serde::Serialize;
+use std::net::SocketAddr;
 
-/// What readiness depends on; each part is set by the component that knows.
-#[derive(Default)]
-pub struct Readiness {
-    pub nats_connected: AtomicBool,
-    pub consumer_bound: AtomicBool,
-    pub registry_synced: AtomicBool,
-    pub database_reachable: AtomicBool,
-}
-
-#[derive(Serialize)]
-struct ReadyReport {
-    ready: bool,
-    nats_connected: bool,
-    consumer_bound: bool,
-    registry_synced: bool,
-    database_reachable: bool,
-}
-
-impl Readiness {
-    fn report(&self) -> ReadyReport {
-        let nats_connected = self.nats_connected.load(Ordering::Relaxed);
-        let consumer_bound = self.consumer_bound.load(Ordering::Relaxed);
-        let registry_synced = self.registry_synced.load(Ordering::Relaxed);
-        let database_reachable = self.database_reachable.load(Ordering::Relaxed);
-        ReadyReport {
-            ready: nats_connected && consumer_bound && registry_synced && database_reachable,
-            nats_connected,
-            consumer_bound,
-            registry_synced,
-            database_reachable,
-        }
-    }
-
-    pub fn set(flag: &AtomicBool, value: bool) {
-        flag.store(value, Ordering::Relaxed);
-    }
-}
+use crate::config::AdminConfig;
+use crate::lifecycle::Lifecycle;
 
 #[derive(Debug, thiserror::Error)]
 #[error("admin port {addr}: {cause}")]
@@ -55,6 +16,17 @@ pub struct AdminError {
     addr: SocketAddr,
     #[source]
     cause: std::io::Error,
+}
+
+/// A new lifecycle whose admin port (metrics, health, readiness) is
+/// served when `admin.enabled`; the metrics are described either way.
+pub async fn start(admin: &AdminConfig) -> Result<Lifecycle, AdminError> {
+    let life = Lifecycle::new();
+    super::metrics::describe();
+    if admin.enabled {
+        serve(admin.listen, &life).await?;
+    }
+    Ok(life)
 }
 
 /// Serves the admin port until `life` stops; returns the bound address.
