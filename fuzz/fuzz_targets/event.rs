@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use resonance_task::config::LimitsConfig;
-use resonance_task::dispatch::dry_run::exercise;
+use resonance_task::dispatch::dry_run::dry_run;
 
 fn limits() -> &'static LimitsConfig {
     static LIMITS: OnceLock<LimitsConfig> = OnceLock::new();

@@ -16,9 +16,3 @@ pub mod cli;
 pub mod publish;
 pub mod seed;
 pub mod workload;
-
-/// An HTTP client (for gateways' `/stats`) that can speak HTTPS.
-pub fn http_client() -> reqwest::ClientBuilder {
-    resonance_task::tls::install_provider();
-    reqwest::Client::builder()
-}

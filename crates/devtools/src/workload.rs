@@ -76,7 +76,7 @@ pub struct StatsClient {
 
 impl StatsClient {
     pub fn new(urls: Vec<String>) -> Self {
-        let http = crate::http_client()
+        let http = resonance_testkit::http_client()
             .timeout(Duration::from_secs(10))
             .build()
             .expect("HTTP client builds");

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-use resonance_task::config::{Config, ConsumerConfig, ConsumerMode};
+use resonance_task::config::{Config, ConsumerConfig, ConsumerMode, NotifyConfig};
 use resonance_task::consumer::jetstream::Intake;
 use resonance_task::consumer::{Attempt, Decision, MessageHandler};
 use resonance_task::lifecycle::Readiness;
@@ -99,15 +99,15 @@ pub enum NotifyError {
 }
 
 /// The providers the configuration turns on.
-pub fn providers(config: &Config, redis: &RedisClient) -> Result<Vec<Provider>, NotifyError> {
+pub fn providers(notify: &NotifyConfig, redis: &RedisClient) -> Result<Vec<Provider>, NotifyError> {
     resonance_task::tls::install_provider();
     let http = reqwest::Client::builder()
-        .timeout(config.notify.request_timeout)
-        .connect_timeout(config.notify.request_timeout)
+        .timeout(notify.request_timeout)
+        .connect_timeout(notify.request_timeout)
         .build()
         .map_err(NotifyError::Http)?;
     let mut providers = Vec::new();
-    let hook = &config.notify.webhook;
+    let hook = &notify.webhook;
     if !hook.url.is_empty() {
         let secret = hook.secret.clone().ok_or(NotifyError::NoProvider)?;
         providers.push(Provider::Webhook(webhook::Webhook::new(
@@ -116,10 +116,10 @@ pub fn providers(config: &Config, redis: &RedisClient) -> Result<Vec<Provider>, 
             secret,
         )));
     }
-    if !config.notify.getui.app_id.is_empty() {
+    if !notify.getui.app_id.is_empty() {
         providers.push(Provider::Getui(getui::Getui::new(
             http,
-            &config.notify.getui,
+            &notify.getui,
             redis.clone(),
         )));
     }
@@ -337,7 +337,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Readiness::set(&readiness.registry_synced, true);
     Readiness::set(&readiness.database_reachable, true);
     let redis = RedisClient::connect(&config.redis).await?;
-    let providers = providers(&config, &redis)?;
+    let providers = providers(&config.notify, &redis)?;
     tracing::info!(
         providers = ?providers.iter().map(Provider::name).collect::<Vec<_>>(),
         "notify worker starting"

@@ -9,7 +9,7 @@ use resonance_testkit::harness::*;
 
 /// Status and body; (0, "") while the port is not listening yet.
 async fn get(url: &str) -> (u16, String) {
-    match resonance_devtools::http_client()
+    match resonance_testkit::http_client()
         .build()
         .unwrap()
         .get(url)

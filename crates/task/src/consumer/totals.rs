@@ -31,7 +31,7 @@ pub struct EventTotals(Arc<Counters>);
 
 /// A point-in-time copy of the totals.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TallySnapshot {
+pub struct TotalsSnapshot {
     pub acked: u64,
     pub duplicates: u64,
     pub retried: u64,
@@ -73,9 +73,9 @@ impl EventTotals {
             .fetch_add(r.failed.len() as u64, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> TallySnapshot {
+    pub fn snapshot(&self) -> TotalsSnapshot {
         let c = &self.0;
-        TallySnapshot {
+        TotalsSnapshot {
             acked: c.acked.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
@@ -105,7 +105,7 @@ impl EventTotals {
     /// Logs the totals periodically (only when they changed) until
     /// `cancel`, then once more.
     pub async fn report_until(self, stop: CancellationToken) {
-        let mut last = TallySnapshot::default();
+        let mut last = TotalsSnapshot::default();
         let mut tick = tokio::time::interval(INTERVAL);
         tick.tick().await;
         loop {
