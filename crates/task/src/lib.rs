@@ -233,7 +233,7 @@ impl Dependencies {
             config.dispatch.route_concurrency,
         );
         follow_session_changes(&nats, config, members.clone(), life).await;
-        let gateways = GatewayPool::new(config.gateway.clone(), life.tracker().clone());
+        let gateways = GatewayPool::new(config.gateway.clone(), life);
         let dispatcher = Dispatcher::new(
             members,
             routes,

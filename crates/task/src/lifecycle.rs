@@ -50,12 +50,6 @@ impl Lifecycle {
         self.tracker.spawn(task)
     }
 
-    /// The tracker, for components (the gateway pool) that outlive one
-    /// call and spawn as they go.
-    pub fn tracker(&self) -> &TaskTracker {
-        &self.tracker
-    }
-
     /// Stops intake, lets in-flight work finish within `grace`, then hands
     /// what is left back to NATS (so another process takes it now rather
     /// than after ack_wait) and flushes the acks on `nats`.

@@ -7,9 +7,9 @@ use std::time::Duration;
 use resonance_reference_gateway::{NOT_CONNECTED, ReferenceGateway};
 use resonance_task::config::GatewayPoolConfig;
 use resonance_task::gateway::{FailureKind, GatewayPool, PushOutcome};
+use resonance_task::lifecycle::Lifecycle;
 use resonance_task::proto::PushMessage;
 use resonance_task::registry::{GatewayEndpoint, PushProtocol};
-use tokio_util::task::TaskTracker;
 
 use resonance_testkit::harness::*;
 
@@ -59,7 +59,7 @@ fn message(msg_id: i64) -> PushMessage {
 }
 
 fn pool(cfg: GatewayPoolConfig) -> GatewayPool {
-    GatewayPool::new(cfg, TaskTracker::new())
+    GatewayPool::new(cfg, &Lifecycle::new())
 }
 
 fn users(n: usize) -> Vec<String> {

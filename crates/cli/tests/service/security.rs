@@ -10,6 +10,7 @@ use std::time::Duration;
 use resonance_reference_gateway::{ReferenceGateway, ServerTls};
 use resonance_task::config::{Config, Secret, SecretUrl, TlsConfig};
 use resonance_task::gateway::{GatewayPool, PushOutcome};
+use resonance_task::lifecycle::Lifecycle;
 use resonance_task::proto::PushMessage;
 use resonance_task::registry::{GatewayEndpoint, PushProtocol};
 use resonance_testkit::certs::{self, Ca, DevPki};
@@ -415,8 +416,7 @@ async fn gateway_mtls_refuses_unknown_certificates_and_picks_up_rotated_files() 
     let mut cfg = stack.config().gateway;
     cfg.tls = pki.client("client-live");
     cfg.tls.enabled = false;
-    let tracker = tokio_util::task::TaskTracker::new();
-    let pool = GatewayPool::new(cfg, tracker);
+    let pool = GatewayPool::new(cfg, &Lifecycle::new());
     let endpoint = GatewayEndpoint {
         gateway_id: "gateway-001".into(),
         instance_id: "gateway-service-gateway-001".into(),

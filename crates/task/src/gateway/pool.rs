@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::task::TaskTracker;
 
 use super::PushReply;
 use super::correlation::Pending;
 use super::stream::{Batch, GatewayStream, PerUser, PushCommand};
 use crate::config::{GatewayPoolConfig, PushProtocolChoice};
+use crate::lifecycle::Lifecycle;
 use crate::proto::PushMessage;
 use crate::registry::{GatewayEndpoint, PushProtocol};
 use crate::telemetry;
@@ -32,7 +32,7 @@ struct Inner {
     cfg: GatewayPoolConfig,
     /// `gateway.tls`, read again when its files change.
     tls: Arc<TlsFiles>,
-    tracker: TaskTracker,
+    life: Lifecycle,
     streams: Mutex<HashMap<String, Entry>>,
     generations: AtomicU64,
 }
@@ -54,14 +54,15 @@ pub struct GatewayPool {
 }
 
 impl GatewayPool {
-    /// Stream tasks are spawned on `tracker`; they end once the pool and
-    /// every push using them are gone.
-    pub fn new(cfg: GatewayPoolConfig, tracker: TaskTracker) -> Self {
+    /// Stream tasks are spawned on `life`'s tracker, so the drain waits for
+    /// them; they end once the pool and every push using them are gone (not
+    /// at `stop`: in-flight events still push while they finish).
+    pub fn new(cfg: GatewayPoolConfig, life: &Lifecycle) -> Self {
         Self {
             inner: Arc::new(Inner {
                 tls: Arc::new(TlsFiles::new("gateway.tls", &cfg.tls)),
                 cfg,
-                tracker,
+                life: life.clone(),
                 streams: Mutex::new(HashMap::new()),
                 generations: AtomicU64::new(0),
             }),
@@ -159,7 +160,7 @@ impl GatewayPool {
         let tls = self.inner.tls.clone();
         let batch = self.uses_batch(endpoint);
         let target = endpoint.clone();
-        self.inner.tracker.spawn(async move {
+        self.inner.life.spawn(async move {
             let open = metrics::gauge!(telemetry::metrics::GATEWAY_STREAMS);
             open.increment(1.0);
             if batch {
