@@ -23,17 +23,8 @@ RUN cargo build --release --locked -p resonance-task-cli --no-default-features -
 FROM source AS build-dev
 RUN cargo build --release --locked -p resonance-task-cli --bin resonance-task
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS dev
-COPY --from=build-dev /src/target/release/resonance-task /usr/local/bin/resonance-task
-COPY config/task.yaml /etc/resonance-task/task.yaml
-ENV RESONANCE_TASK_CONFIG=/etc/resonance-task/task.yaml
-USER nonroot:nonroot
-EXPOSE 9090
-ENTRYPOINT ["/usr/local/bin/resonance-task"]
-CMD ["run"]
-
-FROM gcr.io/distroless/cc-debian12:nonroot AS pod
-COPY --from=build-pod /src/target/release/resonance-task /usr/local/bin/resonance-task
+# What both images share: the default configuration and a non-root user.
+FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 COPY config/task.yaml /etc/resonance-task/task.yaml
 ENV RESONANCE_TASK_CONFIG=/etc/resonance-task/task.yaml
 USER nonroot:nonroot
@@ -41,3 +32,9 @@ USER nonroot:nonroot
 EXPOSE 9090
 ENTRYPOINT ["/usr/local/bin/resonance-task"]
 CMD ["run"]
+
+FROM runtime AS dev
+COPY --from=build-dev /src/target/release/resonance-task /usr/local/bin/resonance-task
+
+FROM runtime AS pod
+COPY --from=build-pod /src/target/release/resonance-task /usr/local/bin/resonance-task

@@ -366,13 +366,21 @@ fn the_service_crate_depends_on_no_tool_and_no_dev_only_crate() {
             .unwrap_or_else(|| panic!("the command line names {tool}: {cli_deps:?}"));
         assert!(line.contains("optional = true"), "{tool} is optional");
     }
+    // The default target is the last stage: the production image. It must
+    // copy the binary from a stage built without the developer tools.
     let dockerfile = read("Dockerfile");
-    let last_build = dockerfile
+    let last_stage = dockerfile.rsplit("\nFROM ").next().expect("a final stage");
+    let built_from = last_stage
         .lines()
-        .filter(|l| l.contains("cargo build"))
-        .find(|l| l.contains("--no-default-features"));
+        .find_map(|l| l.strip_prefix("COPY --from="))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the final stage copies the binary from a build stage");
+    let build_stage = dockerfile
+        .split("\nFROM ")
+        .find(|stage| stage.contains(&format!(" AS {built_from}")))
+        .unwrap_or_else(|| panic!("no stage {built_from}"));
     assert!(
-        last_build.is_some(),
-        "the production image builds without the developer tools"
+        build_stage.contains("cargo build") && build_stage.contains("--no-default-features"),
+        "the production image builds without the developer tools: {build_stage}"
     );
 }
