@@ -276,28 +276,10 @@ impl EventHandler {
         abort: &CancellationToken,
         turn: Turn,
     ) -> Decision {
-        if let Err(e) = crate::dispatch::check_payload(payload.len(), self.dispatcher.limits()) {
-            let reason = e.to_string();
-            tracing::warn!(%reason, delivery = attempt.delivery, "event rejected");
-            return Decision::DeadLetter {
-                last_error: reason.clone(),
-                reason,
-            };
-        }
-        let mut event = match PushEvent::decode(payload) {
-            Ok(e) => e,
-            Err(e) => {
-                let reason = format!("undecodable PushEvent ({} bytes): {e}", payload.len());
-                tracing::warn!(%reason, delivery = attempt.delivery, "event rejected");
-                return Decision::DeadLetter {
-                    last_error: reason.clone(),
-                    reason,
-                };
-            }
+        let event = match self.admit(payload, headers, attempt) {
+            Ok(event) => event,
+            Err(rejected) => return rejected,
         };
-        if let Some(headers) = headers {
-            adopt_trace_context(&mut event, headers);
-        }
         metrics::histogram!(telemetry::metrics::EVENT_AGE)
             .record(telemetry::metrics::seconds_since_ms(event.timestamp));
         let token = handling_token();
@@ -330,38 +312,73 @@ impl EventHandler {
         if let Ok(report) = &result {
             self.totals.recipients(report);
         }
-        match &decision {
-            Decision::Ack => {
-                tracing::debug!(msg_id = event.msg_id, session_id = %event.session_id, "event settled")
-            }
-            Decision::Retry { reason, delay } => tracing::warn!(
-                msg_id = event.msg_id,
-                session_id = %event.session_id,
-                delivery = attempt.delivery,
-                retry_in = ?delay,
-                %reason,
-                "event will be redelivered"
-            ),
-            Decision::HandBack { .. } => tracing::debug!(
-                msg_id = event.msg_id,
-                session_id = %event.session_id,
-                "another handler holds the event; handed back"
-            ),
-            Decision::Duplicate => tracing::info!(
-                msg_id = event.msg_id,
-                session_id = %event.session_id,
-                delivery = attempt.delivery,
-                "event settled before; acked without pushing"
-            ),
-            Decision::DeadLetter { reason, .. } => tracing::warn!(
-                msg_id = event.msg_id,
-                session_id = %event.session_id,
-                delivery = attempt.delivery,
-                %reason,
-                "event dead-lettered"
-            ),
-        }
+        log_decision(&event, attempt, &decision);
         decision
+    }
+
+    /// The payload as an event, within the limits and decodable, with the
+    /// NATS headers' trace context where the event carries none; otherwise
+    /// the dead letter it becomes.
+    fn admit(
+        &self,
+        payload: &[u8],
+        headers: Option<&async_nats::HeaderMap>,
+        attempt: Attempt,
+    ) -> Result<PushEvent, Decision> {
+        let rejected = |reason: String| {
+            tracing::warn!(%reason, delivery = attempt.delivery, "event rejected");
+            Decision::DeadLetter {
+                last_error: reason.clone(),
+                reason,
+            }
+        };
+        crate::dispatch::check_payload(payload.len(), self.dispatcher.limits())
+            .map_err(|e| rejected(e.to_string()))?;
+        let mut event = PushEvent::decode(payload).map_err(|e| {
+            rejected(format!(
+                "undecodable PushEvent ({} bytes): {e}",
+                payload.len()
+            ))
+        })?;
+        if let Some(headers) = headers {
+            adopt_trace_context(&mut event, headers);
+        }
+        Ok(event)
+    }
+}
+
+/// One log line per decision, at the level it deserves.
+fn log_decision(event: &PushEvent, attempt: Attempt, decision: &Decision) {
+    match decision {
+        Decision::Ack => {
+            tracing::debug!(msg_id = event.msg_id, session_id = %event.session_id, "event settled")
+        }
+        Decision::Retry { reason, delay } => tracing::warn!(
+            msg_id = event.msg_id,
+            session_id = %event.session_id,
+            delivery = attempt.delivery,
+            retry_in = ?delay,
+            %reason,
+            "event will be redelivered"
+        ),
+        Decision::HandBack { .. } => tracing::debug!(
+            msg_id = event.msg_id,
+            session_id = %event.session_id,
+            "another handler holds the event; handed back"
+        ),
+        Decision::Duplicate => tracing::info!(
+            msg_id = event.msg_id,
+            session_id = %event.session_id,
+            delivery = attempt.delivery,
+            "event settled before; acked without pushing"
+        ),
+        Decision::DeadLetter { reason, .. } => tracing::warn!(
+            msg_id = event.msg_id,
+            session_id = %event.session_id,
+            delivery = attempt.delivery,
+            %reason,
+            "event dead-lettered"
+        ),
     }
 }
 
