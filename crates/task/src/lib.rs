@@ -45,9 +45,6 @@ pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConsumerMode};
 use crate::consumer::{EventHandler, EventTotals, LaneRules, RetryPolicy};
@@ -133,7 +130,7 @@ impl Dependencies {
         if config.database.migrates_on_start() {
             store::migrate(&pool, dialect, &config.database).await?;
         }
-        life.spawn(watch_database(
+        life.spawn(store::watch_reachability(
             pool.clone(),
             life.readiness.clone(),
             stop.clone(),
@@ -232,7 +229,7 @@ impl Dependencies {
             config.dispatch.route_chunk_size,
             config.dispatch.route_concurrency,
         );
-        follow_session_changes(&nats, config, members.clone(), life).await;
+        store::follow_membership_changes(&nats, &config.dispatch, members.clone(), life).await;
         let gateways = GatewayPool::new(config.gateway.clone(), life);
         let dispatcher = Dispatcher::new(
             members,
@@ -273,74 +270,5 @@ impl Dependencies {
             }
         }
         Ok(())
-    }
-}
-
-/// Keeps `readiness.database_reachable` current with a cheap query every
-/// few seconds.
-async fn watch_database(pool: sqlx::AnyPool, readiness: Arc<Readiness>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let probe = sqlx::query("SELECT 1").execute(&pool);
-        let up = matches!(
-            tokio::time::timeout(Duration::from_secs(2), probe).await,
-            Ok(Ok(_))
-        );
-        Readiness::set(&readiness.database_reachable, up);
-    }
-}
-
-/// Follows `dispatch.session_changed_topic`, when the member cache is on.
-/// Subscribed before events flow, so no change is missed.
-async fn follow_session_changes(
-    nats: &async_nats::Client,
-    config: &Config,
-    members: MemberStore,
-    life: &Lifecycle,
-) {
-    let topic = &config.dispatch.session_changed_topic;
-    if topic.is_empty() || config.dispatch.member_cache_ttl.is_zero() {
-        return;
-    }
-    match nats.subscribe(topic.clone()).await {
-        Ok(changes) => {
-            let _ = nats.flush().await;
-            life.spawn(drop_changed_sessions(changes, members, life.stop.clone()));
-        }
-        Err(e) => {
-            tracing::warn!(%topic, error = %e, "cannot follow membership changes; the member cache expires by its TTL only")
-        }
-    }
-}
-
-/// Drops a session from the member cache whenever its id arrives on
-/// `dispatch.session_changed_topic`.
-async fn drop_changed_sessions(
-    mut changes: async_nats::Subscriber,
-    members: MemberStore,
-    stop: CancellationToken,
-) {
-    use futures::StreamExt;
-    loop {
-        let change = tokio::select! {
-            _ = stop.cancelled() => return,
-            c = changes.next() => match c {
-                Some(c) => c,
-                None => return,
-            },
-        };
-        let session_id = String::from_utf8_lossy(&change.payload);
-        let session_id = session_id.trim();
-        if session_id.is_empty() {
-            tracing::warn!(subject = %change.subject, "membership change without a session id; ignored");
-            continue;
-        }
-        members.invalidate(session_id).await;
-        metrics::counter!(telemetry::metrics::MEMBER_CACHE_INVALIDATIONS).increment(1);
-        tracing::debug!(session_id, "session members changed; cache entry dropped");
     }
 }

@@ -1,16 +1,21 @@
 //! One sqlx `AnyPool` for SQLite, MySQL/MariaDB and PostgreSQL, the SQL
-//! dialect of its URL, and the embedded migrations of `migrations/`.
+//! dialect of its URL, the embedded migrations of `migrations/`, and the
+//! probe that keeps readiness current.
 //!
 //! The `Any` driver passes placeholders through untouched, so callers ask
 //! [`Dialect::placeholder`] for `?` or `$n` instead of hard-coding either.
 
+use std::str::FromStr;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
-use std::str::FromStr;
-use std::sync::Once;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
+use crate::lifecycle::Readiness;
 
 static SQLITE: Migrator = sqlx::migrate!("../../migrations/sqlite");
 static MYSQL: Migrator = sqlx::migrate!("../../migrations/mysql");
@@ -171,6 +176,28 @@ impl crate::refusal::Refusal for DatabaseError {
             Self::Password { .. } => true,
             Self::Scheme { .. } | Self::Migrate { .. } => false,
         }
+    }
+}
+
+/// Keeps `readiness.database_reachable` current with a cheap query every
+/// few seconds.
+pub async fn watch_reachability(
+    pool: sqlx::AnyPool,
+    readiness: Arc<Readiness>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let probe = sqlx::query("SELECT 1").execute(&pool);
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(2), probe).await,
+            Ok(Ok(_))
+        );
+        Readiness::set(&readiness.database_reachable, up);
     }
 }
 
