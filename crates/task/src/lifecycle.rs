@@ -1,8 +1,8 @@
 //! The life of a long-running command (a pod, the notify worker): the
 //! `stop` token that ends intake, the `abort` token that ends the grace
 //! period, the tracker every task is spawned on, and readiness (which the
-//! admin port reports). Components take one [`Lifecycle`] rather than loose tokens, and
-//! spawn through it, so no task outlives the drain.
+//! admin port reports). Components take one [`Lifecycle`] rather than
+//! loose tokens, and spawn through it, so no task outlives the drain.
 
 use std::future::Future;
 use std::sync::Arc;

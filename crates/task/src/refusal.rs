@@ -69,7 +69,7 @@ fn refused_by_kind(err: &(dyn Error + 'static)) -> bool {
 
 /// An untrusted peer certificate, or an alert from a peer that did not
 /// accept ours.
-pub fn tls_refused(e: &rustls::Error) -> bool {
+fn tls_refused(e: &rustls::Error) -> bool {
     use rustls::AlertDescription as A;
     match e {
         rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => true,
@@ -88,28 +88,28 @@ pub fn tls_refused(e: &rustls::Error) -> bool {
     }
 }
 
-pub fn status_refused(status: &tonic::Status) -> bool {
+pub(crate) fn status_refused(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
     )
 }
 
-pub fn redis_refused(e: &redis::RedisError) -> bool {
+fn redis_refused(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::AuthenticationFailed
         || e.code()
             .is_some_and(|c| ["WRONGPASS", "NOAUTH", "NOPERM"].contains(&c))
 }
 
 /// Access denied: PostgreSQL 28000/28P01, MySQL 1045; or a TLS failure.
-pub fn sql_refused(e: &sqlx::Error) -> bool {
+fn sql_refused(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Tls(_))
         || e.as_database_error()
             .and_then(|d| d.code())
             .is_some_and(|c| ["28000", "28P01", "1045"].contains(&c.as_ref()))
 }
 
-pub fn nats_refused(e: &async_nats::ConnectError) -> bool {
+fn nats_refused(e: &async_nats::ConnectError) -> bool {
     use async_nats::ConnectErrorKind as K;
     matches!(
         e.kind(),

@@ -2,7 +2,7 @@
 //! environment variables `RESONANCE_TASK__SECTION__KEY`.
 //!
 //! One file per section, each struct beside its own `validate`, which
-//! reports into [`Problems`]: every problem is collected and a bad
+//! reports into `Problems`: every problem is collected and a bad
 //! configuration is refused once, listing them all (`checks` has the
 //! shared checks, `secret` the secret types, `values` how durations and
 //! lists may be written).
@@ -36,9 +36,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Yaml};
 use serde::{Deserialize, Serialize};
 
-pub use self::checks::Problems;
 use self::checks::{
-    check_tls, differs, nats_subject, non_empty, pair, positive, stream_name, within,
+    Problems, check_tls, differs, nats_subject, non_empty, pair, positive, stream_name, within,
 };
 pub use self::consumer::{ConsumerConfig, ConsumerMode, DedupConfig, PriorityConfig};
 pub use self::database::DatabaseConfig;

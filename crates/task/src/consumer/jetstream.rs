@@ -25,8 +25,7 @@ use super::lanes::LaneQueue;
 use super::{Attempt, Decision, MessageHandler};
 use crate::config::ConsumerConfig;
 use crate::dispatch::Turn;
-use crate::lifecycle::Lifecycle;
-use crate::lifecycle::Readiness;
+use crate::lifecycle::{Lifecycle, Readiness};
 use crate::retry::{Backoff, pause_for};
 use crate::telemetry;
 

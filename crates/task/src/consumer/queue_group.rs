@@ -14,8 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::dead_letter::{self, DeadLetterInfo};
 use super::{Attempt, Decision, EventHandler, MessageHandler};
 use crate::config::ConsumerConfig;
-use crate::lifecycle::Lifecycle;
-use crate::lifecycle::Readiness;
+use crate::lifecycle::{Lifecycle, Readiness};
 
 pub async fn run(
     client: async_nats::Client,

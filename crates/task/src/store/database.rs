@@ -170,9 +170,7 @@ pub async fn migrate(
 impl crate::refusal::Refusal for DatabaseError {
     fn refused(&self) -> bool {
         match self {
-            Self::Connect { cause, .. } => {
-                crate::refusal::sql_refused(cause) || crate::refusal::refused(cause)
-            }
+            Self::Connect { cause, .. } => crate::refusal::refused(cause),
             Self::Password { .. } => true,
             Self::Scheme { .. } | Self::Migrate { .. } => false,
         }

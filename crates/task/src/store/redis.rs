@@ -29,9 +29,7 @@ pub enum RedisError {
 impl crate::refusal::Refusal for RedisError {
     fn refused(&self) -> bool {
         match self {
-            Self::Redis { cause, .. } => {
-                crate::refusal::redis_refused(cause) || crate::refusal::refused(cause)
-            }
+            Self::Redis { cause, .. } => crate::refusal::refused(cause),
             Self::Tls(_) => true,
             Self::Address { .. } => false,
         }
