@@ -360,6 +360,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let prefetch = resonance_task::consumer::jetstream::Prefetch {
         count: cfg.worker_count,
         bytes: config.priority.prefetch_bytes,
+        // Notices have one lane.
+        reserved_workers: 0,
     };
     let intake = Intake::new(nats.clone(), cfg.clone(), handler, attempts).run(&life, prefetch);
     tokio::pin!(intake);

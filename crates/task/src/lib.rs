@@ -260,6 +260,7 @@ impl Dependencies {
                 let prefetch = consumer::jetstream::Prefetch {
                     count: config.priority.prefetch,
                     bytes: config.priority.prefetch_bytes,
+                    reserved_workers: config.priority.reserved_for_high(&config.consumer),
                 };
                 consumer::jetstream::Intake::new(nats, config.consumer.clone(), handler, attempts)
                     .run(life, prefetch)

@@ -706,3 +706,162 @@ async fn a_large_group_goes_out_window_by_window() {
     g1.stop().await;
     g2.stop().await;
 }
+
+/// Calls per command since the last `CONFIG RESETSTAT`, from
+/// `INFO commandstats` (`cmdstat_mget:calls=3,...`).
+async fn redis_calls(redis: &RedisClient) -> HashMap<String, u64> {
+    let info: String = redis
+        .query(redis::cmd("INFO").arg("commandstats"))
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The cost of an event whose members are cached and which settles: its
+/// claim and its routes go to Redis together, its end is one write, and
+/// neither runs a script or appends progress (nothing is left to record
+/// once it settles).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_small_event_costs_redis_no_script_and_no_progress_write() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b", "c"]).await;
+    stack.session(&store, "g", &["a", "b", "c"]).await;
+    let config = stack.config();
+    let redis = RedisClient::connect(&config.redis).await.unwrap();
+    let (nats, pod) = stack.pod(&config).await;
+    // The first event reads the members from SQL and fills the cache.
+    publish(&nats, &config.consumer.topic, &event(1, "g", "a")).await;
+    eventually("the first event delivered", || async {
+        g1.ledger.count("c", 1) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    let _: () = redis
+        .query(redis::cmd("CONFIG").arg("RESETSTAT"))
+        .await
+        .unwrap();
+    let events = 10;
+    for id in 2..2 + events {
+        publish(&nats, &config.consumer.topic, &event(id, "g", "a")).await;
+    }
+    eventually("every event delivered", || async {
+        (2..2 + events).all(|id| g1.ledger.count("b", id) == 1)
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    let calls = redis_calls(&redis).await;
+    let count = |name: &str| calls.get(name).copied().unwrap_or(0);
+    assert_eq!(
+        count("mget"),
+        events as u64,
+        "one route lookup per event: {calls:?}"
+    );
+    assert_eq!(count("eval") + count("evalsha"), 0, "no script: {calls:?}");
+    assert_eq!(count("append"), 0, "no progress write: {calls:?}");
+    assert_eq!(
+        count("set"),
+        2 * events as u64,
+        "a claim and a settled mark per event: {calls:?}"
+    );
+    pod.stop().await;
+    g1.stop().await;
+}
+
+/// The member cache serves a session past half its TTL without SQL on the
+/// lookup, re-reads it in the background, and the re-read replaces the
+/// entry before the TTL runs out; a dropped entry is read cold again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_session_is_served_while_it_is_re_read_in_the_background() {
+    let db = TestDb::sqlite();
+    let store = db.member_store().await;
+    let ttl = Duration::from_secs(2);
+    let cached = store.clone().with_cache(ttl, 1000);
+    let seed = |members: &[&str]| resonance_task::store::SessionSeed {
+        session_id: "s".into(),
+        kind: 2,
+        name: "s".into(),
+        owner: "a".into(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+    };
+    store.create_session(&seed(&["a", "b"])).await.unwrap();
+    assert_eq!(cached.members("s").await.unwrap(), ["a", "b"]);
+    assert_eq!(
+        cached.cache_lookups(),
+        Some((0, 1)),
+        "one miss, read from SQL"
+    );
+    // A member joins without a change message: only the TTL bounds how
+    // long the cache may miss it.
+    store.create_session(&seed(&["c"])).await.unwrap();
+    assert_eq!(cached.cached("s").await.unwrap().len(), 2, "young: served");
+    let started = std::time::Instant::now();
+    // Let the entry reach half its TTL (this waits for age, not for a
+    // task: the cache decides by the entry's age).
+    tokio::time::sleep(ttl / 2 + Duration::from_millis(50)).await;
+    let served = cached.cached("s").await.expect("still cached");
+    assert_eq!(served.len(), 2, "served at once, the re-read runs behind");
+    eventually("the background re-read replaced the entry", || async {
+        cached.cached("s").await.is_some_and(|m| m.len() == 3)
+    })
+    .await;
+    assert!(started.elapsed() < ttl, "replaced before the TTL ran out");
+    let (_, misses) = cached.cache_lookups().unwrap();
+    assert_eq!(misses, 1, "no lookup went to SQL after the first");
+    assert!(cached.invalidate("s").await);
+    assert!(cached.cached("s").await.is_none(), "dropped: read cold");
+    assert_eq!(cached.shared("s").await.unwrap().len(), 3);
+    assert_eq!(cached.cache_lookups().unwrap().1, 3, "two more misses");
+}
+
+/// Many events of a group several chunks wide, to per-user gateways whose
+/// stream window holds two chunks and whose command queues fill up: every
+/// member still gets every event. Each chunk an event queues goes to its
+/// collector at once, so an answered chunk gives its share of the window
+/// back while the event is still queuing the rest; held back until all of
+/// the event's chunks were queued, the answered chunks kept the window
+/// full, and every stream waited for it with nothing in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wider_than_the_stream_window_are_all_delivered() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let users: Vec<String> = (0..160).map(|i| format!("w{i:03}")).collect();
+    let all: Vec<&str> = users.iter().map(String::as_str).collect();
+    let mut gateways = Vec::new();
+    for (g, held) in all.chunks(40).enumerate() {
+        let id = format!("gateway-{:03}", g + 1);
+        gateways.push(stack.upstream_gateway(&id, held).await);
+    }
+    stack.session(&store, "wide", &all).await;
+    let mut config = stack.config();
+    config.gateway.max_in_flight = 8;
+    config.dispatch.push_chunk_size = 4;
+    config.consumer.worker_count = 64;
+    let (nats, pod) = stack.pod(&config).await;
+    let events: u64 = 64;
+    for id in 1..=events {
+        publish(
+            &nats,
+            &config.consumer.topic,
+            &event(id as i64, "wide", "w000"),
+        )
+        .await;
+    }
+    eventually("every member got every event", || async {
+        gateways
+            .iter()
+            .all(|g| g.ledger.stats().distinct == 40 * events)
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    pod.stop().await;
+    for g in gateways {
+        g.stop().await;
+    }
+}

@@ -125,6 +125,11 @@ pub struct PriorityConfig {
     pub high_types: Vec<String>,
     /// One-to-one sessions (session_type 1) are high priority.
     pub one_to_one_high: bool,
+    /// Of `consumer.worker_count`, workers only high-priority events may
+    /// take: a saturating normal load never holds them all, so a
+    /// high-priority event starts at once. Unset: an eighth of the workers
+    /// (8 of the default 64).
+    pub reserved_workers: Option<usize>,
 }
 
 impl Default for PriorityConfig {
@@ -134,6 +139,7 @@ impl Default for PriorityConfig {
             prefetch_bytes: 64 << 20,
             high_types: Vec::new(),
             one_to_one_high: false,
+            reserved_workers: None,
         }
     }
 }
@@ -217,7 +223,25 @@ impl DedupConfig {
 }
 
 impl PriorityConfig {
-    pub(super) fn validate(&self, p: &mut Problems) {
+    /// Workers kept for the high lane (see `reserved_workers`).
+    pub fn reserved_for_high(&self, consumer: &ConsumerConfig) -> usize {
+        self.reserved_workers
+            .unwrap_or(consumer.worker_count / 8)
+            .min(consumer.worker_count.saturating_sub(1))
+    }
+
+    pub(super) fn validate(&self, consumer: &ConsumerConfig, p: &mut Problems) {
+        if let Some(reserved) = self.reserved_workers
+            && reserved >= consumer.worker_count
+        {
+            p.invalid(
+                "priority.reserved_workers",
+                format!(
+                    "must be below consumer.worker_count ({}), so normal events get workers too",
+                    consumer.worker_count
+                ),
+            );
+        }
         p.check(within("priority.prefetch", self.prefetch, 1..=100_000));
         p.check(within(
             "priority.prefetch_bytes",

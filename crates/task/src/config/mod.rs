@@ -174,7 +174,7 @@ impl Config {
         self.offline.validate(&self.consumer, &mut p);
         self.notify.validate(&self.offline, &mut p);
         self.limits.validate(&mut p);
-        self.priority.validate(&mut p);
+        self.priority.validate(&self.consumer, &mut p);
         p.into_result()
     }
 

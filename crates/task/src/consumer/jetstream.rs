@@ -151,11 +151,43 @@ const MESSAGE_OVERHEAD: usize = 64 << 10;
 /// open pull request's end, the naks), NATS up or down.
 const HANDBACK_LIMIT: Duration = Duration::from_secs(10);
 
-/// How much may wait in the pod ahead of its workers.
+/// How much may wait in the pod ahead of its workers, and how many of the
+/// workers only high-priority messages may take.
 #[derive(Debug, Clone, Copy)]
 pub struct Prefetch {
     pub count: usize,
     pub bytes: usize,
+    pub reserved_workers: usize,
+}
+
+/// A worker slot: one of `consumer.worker_count`, and for a normal message
+/// one of the slots not reserved for the high lane.
+struct Worker {
+    _any: tokio::sync::OwnedSemaphorePermit,
+    _normal: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Waits for a worker slot for a message of `lane`.
+async fn worker_for(lane: super::Lane, any: &Arc<Semaphore>, normal: &Arc<Semaphore>) -> Worker {
+    let normal = match lane {
+        super::Lane::High => None,
+        super::Lane::Normal => Some(
+            normal
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed"),
+        ),
+    };
+    let any = any
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore is never closed");
+    Worker {
+        _any: any,
+        _normal: normal,
+    }
 }
 
 /// Messages taken from NATS that wait for a worker, in lanes, with what
@@ -163,22 +195,69 @@ pub struct Prefetch {
 struct Waiting {
     lanes: LaneQueue<jetstream::Message>,
     bytes: usize,
+    metrics: LaneMetrics,
+}
+
+/// The lanes' counters and gauges, looked up once rather than per event.
+struct LaneMetrics {
+    /// High, normal.
+    events: [metrics::Counter; 2],
+    queued: [metrics::Gauge; 2],
+}
+
+impl LaneMetrics {
+    const LANES: [super::Lane; 2] = [super::Lane::High, super::Lane::Normal];
+
+    fn new() -> Self {
+        let [high, normal] = Self::LANES.map(|l| l.as_str());
+        Self {
+            events: [
+                metrics::counter!(telemetry::metrics::LANE_EVENTS, "lane" => high),
+                metrics::counter!(telemetry::metrics::LANE_EVENTS, "lane" => normal),
+            ],
+            queued: [
+                metrics::gauge!(telemetry::metrics::LANE_QUEUED, "lane" => high),
+                metrics::gauge!(telemetry::metrics::LANE_QUEUED, "lane" => normal),
+            ],
+        }
+    }
+
+    fn index(lane: super::Lane) -> usize {
+        match lane {
+            super::Lane::High => 0,
+            super::Lane::Normal => 1,
+        }
+    }
+
+    fn report<T>(&self, waiting: &LaneQueue<T>) {
+        for lane in Self::LANES {
+            self.queued[Self::index(lane)].set(waiting.len_of(lane) as f64);
+        }
+    }
 }
 
 impl Waiting {
+    fn new() -> Self {
+        Self {
+            lanes: LaneQueue::default(),
+            bytes: 0,
+            metrics: LaneMetrics::new(),
+        }
+    }
+
     fn push<H: MessageHandler>(&mut self, handler: &H, message: jetstream::Message) {
         let lane = handler.lane(message.headers.as_ref(), &message.payload);
-        metrics::counter!(telemetry::metrics::LANE_EVENTS, "lane" => lane.as_str()).increment(1);
+        self.metrics.events[LaneMetrics::index(lane)].increment(1);
         let session = handler.session_of(&message.payload);
         self.bytes += message.length;
         self.lanes.push(message, session, lane);
-        report_lanes(&self.lanes);
+        self.metrics.report(&self.lanes);
     }
 
     fn pop(&mut self) -> Option<jetstream::Message> {
         let next = self.lanes.pop()?;
         self.bytes -= next.item.length;
-        report_lanes(&self.lanes);
+        self.metrics.report(&self.lanes);
         Some(next.item)
     }
 
@@ -245,9 +324,17 @@ impl<H: MessageHandler> Intake<H> {
         let prefetch = Prefetch {
             count: prefetch.count.max(1),
             bytes: prefetch.bytes.max(1),
+            ..prefetch
         };
         let largest = intake.js.client().server_info().max_payload + MESSAGE_OVERHEAD;
         let workers = Arc::new(Semaphore::new(intake.cfg.worker_count));
+        let normal_workers = Arc::new(Semaphore::new(
+            intake
+                .cfg
+                .worker_count
+                .saturating_sub(prefetch.reserved_workers)
+                .max(1),
+        ));
         let stop = &life.stop;
         life.spawn(dead_letter::rescue_exhausted(
             intake.js.clone(),
@@ -259,10 +346,7 @@ impl<H: MessageHandler> Intake<H> {
             intake.cfg.clone(),
             stop.clone(),
         ));
-        let mut waiting = Waiting {
-            lanes: LaneQueue::default(),
-            bytes: 0,
-        };
+        let mut waiting = Waiting::new();
         let mut puller = Puller::new(life);
         let touch_after = intake.cfg.ack_wait / 3;
         let mut keep_alive = tokio::time::interval(intake.cfg.ack_wait / 6);
@@ -274,10 +358,13 @@ impl<H: MessageHandler> Intake<H> {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                permit = workers.clone().acquire_owned(), if !waiting.lanes.is_empty() => {
-                    let permit = permit.expect("semaphore is never closed");
+                worker = worker_for(
+                    waiting.lanes.next_lane().unwrap_or(super::Lane::Normal),
+                    &workers,
+                    &normal_workers,
+                ), if !waiting.lanes.is_empty() => {
                     let message = waiting.pop().expect("lanes are not empty");
-                    intake.start(message, permit, life);
+                    intake.start(message, worker, life);
                 }
                 next = next_of(&mut puller.pull), if puller.pull.is_some() => match next {
                     Some(Ok(message)) => {
@@ -301,22 +388,19 @@ impl<H: MessageHandler> Intake<H> {
         hand_back(waiting, pull).await;
     }
 
-    /// Hands `message` to a worker task holding `permit` until it settles.
-    fn start(
-        self: &Arc<Self>,
-        message: jetstream::Message,
-        permit: tokio::sync::OwnedSemaphorePermit,
-        life: &Lifecycle,
-    ) {
+    /// Hands `message` to a worker task holding `worker` until it settles.
+    fn start(self: &Arc<Self>, message: jetstream::Message, worker: Worker, life: &Lifecycle) {
         let turn = self.handler.turn(&message.payload);
         let (intake, abort) = (self.clone(), life.abort.clone());
         let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
         in_flight.increment(1.0);
-        life.spawn(async move {
+        // Boxed: the handling's state is large, and a boxed future moves
+        // into its task as a pointer rather than as a copy.
+        life.spawn(Box::pin(async move {
             intake.settle(message, &abort, turn).await;
             in_flight.decrement(1.0);
-            drop(permit);
-        });
+            drop(worker);
+        }));
     }
 
     /// Handles one message and carries out the decision: ack, nak with a
@@ -603,13 +687,6 @@ async fn hand_back(mut waiting: Waiting, pull: Option<pull::Batch>) {
             finished,
             "waiting events handed back on shutdown"
         );
-    }
-}
-
-fn report_lanes<T>(waiting: &LaneQueue<T>) {
-    for lane in [super::Lane::High, super::Lane::Normal] {
-        metrics::gauge!(telemetry::metrics::LANE_QUEUED, "lane" => lane.as_str())
-            .set(waiting.len_of(lane) as f64);
     }
 }
 

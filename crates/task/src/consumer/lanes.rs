@@ -144,6 +144,17 @@ impl<T> LaneQueue<T> {
         }
     }
 
+    /// The lane of the item [`LaneQueue::pop`] takes next.
+    pub fn next_lane(&self) -> Option<Lane> {
+        if !self.high.is_empty() {
+            Some(Lane::High)
+        } else if !self.normal.is_empty() {
+            Some(Lane::Normal)
+        } else {
+            None
+        }
+    }
+
     /// The next item: high lane first.
     pub fn pop(&mut self) -> Option<Queued<T>> {
         self.high.pop_front().or_else(|| self.normal.pop_front())

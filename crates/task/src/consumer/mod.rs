@@ -248,7 +248,10 @@ impl EventHandler {
                 Err(e) if e.is_transient() => {
                     // Nothing was pushed; let go of the claim so the next
                     // attempt (ours or another delivery's) can take it.
-                    let _ = self.dispatcher.finish(event.msg_id, token, false).await;
+                    let _ = self
+                        .dispatcher
+                        .finish(event.msg_id, token, false, true)
+                        .await;
                     tokio::time::sleep(backoff.next_delay()).await;
                     result = self.dispatcher.dispatch(event, token, Turn::free()).await;
                 }
@@ -300,9 +303,10 @@ impl EventHandler {
             metrics::histogram!(telemetry::metrics::PUBLISH_TO_ACK)
                 .record(telemetry::metrics::seconds_since_ms(event.timestamp));
         }
+        let recorded = !matches!(&result, Ok(r) if !r.progress_written);
         if let Err(e) = self
             .dispatcher
-            .finish(event.msg_id, &token, decision == Decision::Ack)
+            .finish(event.msg_id, &token, decision == Decision::Ack, recorded)
             .await
         {
             // The fan-out is over either way. Unmarked, a later duplicate may
@@ -461,6 +465,7 @@ mod tests {
                 })
                 .collect(),
             gateways: 1,
+            progress_written: false,
         }
     }
 

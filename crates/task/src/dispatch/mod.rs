@@ -73,6 +73,9 @@ pub struct FanoutReport {
     pub noticed: usize,
     pub failed: Vec<(String, PushFailure)>,
     pub gateways: usize,
+    /// Delivery progress of the event was written to Redis (by this
+    /// handling or an earlier one), so settling must drop it.
+    pub progress_written: bool,
 }
 
 impl FanoutReport {
@@ -89,6 +92,7 @@ impl FanoutReport {
         self.noticed += retry.noticed;
         self.failed = retry.failed;
         self.gateways = self.gateways.max(retry.gateways);
+        self.progress_written |= retry.progress_written;
     }
 
     /// The first failure, to say why an event is retried.
@@ -261,9 +265,17 @@ impl Dispatcher {
 
     /// Ends the claim `dispatch` took; `settled` marks the event done, so
     /// its redelivery or a duplicate publish is acked without pushing.
-    pub async fn finish(&self, msg_id: i64, token: &str, settled: bool) -> Result<(), RedisError> {
+    /// `recorded`: delivery progress may exist (see
+    /// [`FanoutReport::progress_written`]).
+    pub async fn finish(
+        &self,
+        msg_id: i64,
+        token: &str,
+        settled: bool,
+        recorded: bool,
+    ) -> Result<(), RedisError> {
         match &self.progress {
-            Some(p) => p.finish(msg_id, token, settled).await,
+            Some(p) => p.finish(msg_id, token, settled, recorded).await,
             None => Ok(()),
         }
     }
@@ -374,20 +386,7 @@ impl Dispatcher {
         turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
         validate(event, &self.limits)?;
-        let (members, progress) = tokio::join!(
-            self.members.shared(&event.session_id),
-            self.claim(event.msg_id, token)
-        );
-        let (members, progress) = (members?, progress?);
-        if members.len() > self.limits.max_members {
-            return Err(over(
-                "max_members",
-                format!(
-                    "session {} has more than {} members",
-                    event.session_id, self.limits.max_members
-                ),
-            ));
-        }
+        let (members, progress, first) = self.claim_and_look_up(event, token).await?;
         tracing::Span::current().record("members", members.len());
         if progress.settled || progress.busy {
             return Ok(FanoutReport {
@@ -399,20 +398,31 @@ impl Dispatcher {
             });
         }
         let member_count = members.len();
-        let (picked, already_delivered) = plan::recipients(
-            &members,
-            &event.from_username,
-            self.cfg.push_to_sender,
-            &progress.delivered,
-        );
+        let mut prefetched = None;
+        let (picked, already_delivered) = match first {
+            // Nobody reached yet: the recipients the routes were read for.
+            Some(first) if progress.delivered.is_empty() => {
+                prefetched = Some(first.routes);
+                (first.picked, 0)
+            }
+            _ => plan::recipients(
+                &members,
+                &event.from_username,
+                self.cfg.push_to_sender,
+                &progress.delivered,
+            ),
+        };
         count_deliveries("deduplicated", NO_GATEWAY, already_delivered);
         let targets = Targets {
             names: members,
             picked,
         };
-        let mut report = self.fan_out(event, targets, member_count, turn).await?;
+        let mut report = self
+            .fan_out(event, targets, prefetched, member_count, turn)
+            .await?;
         report.members = member_count;
         report.already_delivered = already_delivered;
+        report.progress_written |= !progress.delivered.is_empty();
         Ok(report)
     }
 
@@ -433,33 +443,119 @@ impl Dispatcher {
             recipients = recipients.len()
         );
         telemetry::trace::continue_from(&span, &event.trace_headers);
-        self.fan_out(event, Targets::all(recipients), session_size, Turn::free())
-            .instrument(span)
-            .await
+        self.fan_out(
+            event,
+            Targets::all(recipients),
+            None,
+            session_size,
+            Turn::free(),
+        )
+        .instrument(span)
+        .await
     }
 
-    /// Waits for one chunk's answer and records whom it reached.
+    /// The session's members and the event's claim. When the members are
+    /// cached, the routes of the first window of recipients are read in
+    /// the claim's round trip (one round trip before the push); otherwise
+    /// SQL and the claim run side by side and routes are read after.
+    async fn claim_and_look_up(
+        &self,
+        event: &PushEvent,
+        token: &str,
+    ) -> Result<(Arc<Vec<String>>, Progress, Option<FirstWindow>), DispatchError> {
+        let cached = match &self.progress {
+            Some(_) => self.members.cached(&event.session_id).await,
+            None => None,
+        };
+        let (Some(members), Some(progress)) = (cached, &self.progress) else {
+            let (members, progress) = tokio::join!(
+                self.members.shared(&event.session_id),
+                self.claim(event.msg_id, token)
+            );
+            let members = members?;
+            self.check_members(event, &members)?;
+            return Ok((members, progress?, None));
+        };
+        self.check_members(event, &members)?;
+        let (picked, _) = plan::recipients(
+            &members,
+            &event.from_username,
+            self.cfg.push_to_sender,
+            &Default::default(),
+        );
+        let first = names_of(&members, &picked[..picked.len().min(self.window())]);
+        let (progress, answers) = progress
+            .claim_with(event.msg_id, token, self.routes.lookup_commands(&first))
+            .await
+            .map_err(DispatchError::Progress)?;
+        let routes = self
+            .routes
+            .gateway_ids_from(&first, answers)
+            .map_err(DispatchError::Routes)?;
+        Ok((
+            members,
+            progress,
+            Some(FirstWindow {
+                picked,
+                routes: (first, routes),
+            }),
+        ))
+    }
+
+    fn check_members(&self, event: &PushEvent, members: &[String]) -> Result<(), DispatchError> {
+        if members.len() > self.limits.max_members {
+            return Err(over(
+                "max_members",
+                format!(
+                    "session {} has more than {} members",
+                    event.session_id, self.limits.max_members
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Recipients looked up, planned and queued at a time.
+    fn window(&self) -> usize {
+        (self.cfg.route_chunk_size * self.cfg.route_concurrency)
+            .max(self.cfg.batch_size)
+            .max(1)
+    }
+
+    /// Waits for one chunk's answer and records whom it reached, or, when
+    /// `defer`, returns them to be recorded with the event's end. The
+    /// answer is folded in here, so its share of the stream window goes
+    /// back as soon as it is recorded (or, deferred, at once): holding it
+    /// while other chunks wait for the window could hold the window up.
     async fn settle_chunk(
         &self,
         gateway_id: String,
         msg_id: i64,
         sent: Instant,
         answer: PendingReply,
-    ) -> (String, PushReply) {
+        defer: bool,
+    ) -> Answered {
         let reply = answer.wait().await;
         metrics::histogram!(telemetry::metrics::GATEWAY_ROUND_TRIP, "gateway_id" => gateway_id.clone())
             .record(sent.elapsed().as_secs_f64());
+        let mut unrecorded = Vec::new();
         if self.progress.is_some() {
-            let reached: Vec<&str> = reply
+            let reached = reply
                 .recipients
                 .iter()
                 .zip(&reply.outcomes)
                 .filter(|(_, o)| **o == PushOutcome::Delivered)
-                .map(|(u, _)| u.as_str())
-                .collect();
-            self.record_reached(msg_id, &reached).await;
+                .map(|(u, _)| u.as_str());
+            if defer {
+                unrecorded.extend(reached.map(str::to_string));
+            } else {
+                self.record_reached(msg_id, &reached.collect::<Vec<_>>())
+                    .await;
+            }
         }
-        (gateway_id, reply)
+        let mut report = FanoutReport::default();
+        report.absorb_reply(&gateway_id, reply);
+        Answered { report, unrecorded }
     }
 
     /// Parks and notices the report's offline recipients; those it could
@@ -481,6 +577,7 @@ impl Dispatcher {
         if self.progress.is_some() {
             self.record_reached(event.msg_id, &outcome.settled(&users))
                 .await;
+            report.progress_written = true;
         }
         report.parked += outcome.parked;
         report.noticed += outcome.noticed;
@@ -492,20 +589,26 @@ impl Dispatcher {
         }
     }
 
-    /// Queues one gateway's chunks on its stream, in order.
+    /// Queues one gateway's chunks on its stream, in order, handing each to
+    /// `queued` as soon as it is queued, and returns how many it queued.
+    /// Each answer must be awaited from then on, not once the event's
+    /// other chunks are queued too: an answer carries its share of the
+    /// stream window, and answers left unread while the event waits to
+    /// queue on another gateway's full stream could hold every window up.
     async fn enqueue_gateway(
         &self,
         batch: plan::GatewayBatch,
         message: &PushMessage,
         trace_headers: &HashMap<String, String>,
-    ) -> Vec<QueuedChunk> {
+        queued: &(impl Fn(QueuedChunk) + Sync),
+    ) -> usize {
         let endpoint = batch.endpoint;
         let chunk = if self.pool.uses_batch(&endpoint) {
             self.cfg.batch_size
         } else {
             self.cfg.push_chunk_size
         };
-        let mut answers = Vec::new();
+        let mut count = 0;
         for recipients in plan::split(batch.recipients, chunk) {
             let answer = self
                 .pool
@@ -516,9 +619,10 @@ impl Dispatcher {
                     trace_headers.clone(),
                 )
                 .await;
-            answers.push((endpoint.gateway_id.clone(), Instant::now(), answer));
+            queued((endpoint.gateway_id.clone(), Instant::now(), answer));
+            count += 1;
         }
-        answers
+        count
     }
 
     /// Pushes to `targets` window by window: each window's routes are
@@ -527,27 +631,51 @@ impl Dispatcher {
     /// routes besides what its streams have in flight, however large its
     /// session. A full stream makes queuing wait, which holds the next
     /// window back.
+    ///
+    /// An event of at most `DEFERRED_RECORDING` recipients records whom it
+    /// reached only at its end: with the settled mark when it settles
+    /// (nothing to record then), in one write before its retries when some
+    /// recipient failed. A larger event records each chunk as it is
+    /// answered, so a crash mid-way repeats no more than the pushes in
+    /// flight.
     async fn fan_out(
         &self,
         event: &PushEvent,
         targets: Targets,
+        prefetched: Option<Prefetched>,
         session_size: usize,
         turn: Turn,
     ) -> Result<FanoutReport, DispatchError> {
         let started = Instant::now();
         let message = gateway_message(event);
+        let defer = targets.picked.len() <= DEFERRED_RECORDING;
         // Queuing (windows in order) and settling (answers as they come,
-        // recording progress) run side by side, so answered chunks free
-        // their names while later windows are still being queued.
+        // recording progress) run side by side, so answered chunks give
+        // their window share back and free their names while later chunks
+        // are still being queued.
         let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
         let (queued, answered) = tokio::join!(
-            self.queue_windows(&message, &targets, turn, queued_tx),
-            self.collect_answers(event.msg_id, queued_rx)
+            // The sender moves into the closure, so the channel closes when
+            // queuing is done.
+            self.queue_windows(&message, &targets, prefetched, turn, move |c| {
+                let _ = queued_tx.send(c);
+            }),
+            self.collect_answers(event.msg_id, queued_rx, defer)
         );
         let mut report = queued?;
+        let Answered {
+            report: answered,
+            unrecorded,
+        } = answered;
         report.delivered += answered.delivered;
         report.offline.extend(answered.offline);
         report.failed.extend(answered.failed);
+        report.progress_written = !defer;
+        if !report.failed.is_empty() && !unrecorded.is_empty() {
+            let reached: Vec<&str> = unrecorded.iter().map(String::as_str).collect();
+            self.record_reached(event.msg_id, &reached).await;
+            report.progress_written = true;
+        }
         if let Some(offline) = &self.offline {
             self.settle_offline(offline, event, &message, session_size, &mut report)
                 .await;
@@ -574,23 +702,26 @@ impl Dispatcher {
         &self,
         message: &PushMessage,
         targets: &Targets,
+        mut prefetched: Option<Prefetched>,
         mut turn: Turn,
-        queued: tokio::sync::mpsc::UnboundedSender<QueuedChunk>,
+        queued: impl Fn(QueuedChunk) + Sync,
     ) -> Result<FanoutReport, DispatchError> {
         let trace_headers = telemetry::trace::headers_of(&tracing::Span::current());
-        let window = (self.cfg.route_chunk_size * self.cfg.route_concurrency)
-            .max(self.cfg.batch_size)
-            .max(1);
         let mut report = FanoutReport::default();
         let mut gateways = std::collections::HashSet::new();
         let mut queued_any = false;
-        let mut windows = targets.picked.chunks(window);
+        let mut windows = targets.picked.chunks(self.window());
         while let Some(indices) = windows.next() {
-            let names: Vec<String> = indices
-                .iter()
-                .map(|&i| targets.names[i as usize].clone())
-                .collect();
-            let routes = match self.routes.gateway_ids(&names).await {
+            let (names, looked_up) = match prefetched.take() {
+                // The first window's routes came with the claim.
+                Some((names, routes)) => (names, Ok(routes)),
+                None => {
+                    let names = names_of(&targets.names, indices);
+                    let routes = self.routes.gateway_ids(&names).await;
+                    (names, routes)
+                }
+            };
+            let routes = match looked_up {
                 Ok(routes) => routes,
                 // Nothing pushed yet: the event as a whole is retried.
                 Err(e) if !queued_any => return Err(DispatchError::Routes(e)),
@@ -625,14 +756,11 @@ impl Dispatcher {
                     gateway_id = %batch.endpoint.gateway_id,
                     recipients = batch.recipients.len()
                 );
-                self.enqueue_gateway(batch, message, &trace_headers)
+                self.enqueue_gateway(batch, message, &trace_headers, &queued)
                     .instrument(span)
             }))
             .await;
-            for chunk in chunks.into_iter().flatten() {
-                queued_any = true;
-                let _ = queued.send(chunk);
-            }
+            queued_any |= chunks.into_iter().any(|n| n > 0);
         }
         turn.release();
         report.gateways = gateways.len();
@@ -640,31 +768,67 @@ impl Dispatcher {
     }
 
     /// Waits for the answers to the chunks arriving on `queued`, as they
-    /// come, until the queuing side is done and every answer is in.
+    /// come, recording each (unless `defer`: then whom they reached is
+    /// returned unrecorded), until the queuing side is done and every
+    /// answer is in.
     async fn collect_answers(
         &self,
         msg_id: i64,
         mut queued: tokio::sync::mpsc::UnboundedReceiver<QueuedChunk>,
-    ) -> FanoutReport {
-        let mut answered = FanoutReport::default();
+        defer: bool,
+    ) -> Answered {
+        let mut answered = Answered::default();
         let mut settling = FuturesUnordered::new();
         let mut open = true;
         loop {
             tokio::select! {
                 chunk = queued.recv(), if open => match chunk {
                     Some((gateway_id, sent, reply)) => {
-                        settling.push(self.settle_chunk(gateway_id, msg_id, sent, reply));
+                        settling.push(self.settle_chunk(gateway_id, msg_id, sent, reply, defer));
                     }
                     None => open = false,
                 },
-                Some((gateway_id, reply)) = settling.next(), if !settling.is_empty() => {
-                    answered.absorb_reply(&gateway_id, reply);
+                Some(chunk) = settling.next(), if !settling.is_empty() => {
+                    answered.absorb(chunk);
                 }
                 else => break,
             }
         }
         answered
     }
+}
+
+/// The answers to an event's chunks, and whom they reached that is not
+/// recorded yet.
+#[derive(Default)]
+struct Answered {
+    report: FanoutReport,
+    unrecorded: Vec<String>,
+}
+
+impl Answered {
+    fn absorb(&mut self, chunk: Answered) {
+        self.report.delivered += chunk.report.delivered;
+        self.report.offline.extend(chunk.report.offline);
+        self.report.failed.extend(chunk.report.failed);
+        self.unrecorded.extend(chunk.unrecorded);
+    }
+}
+
+/// The first window of a cached session's recipients (all of them, by
+/// index, when nobody was reached before), with its names and routes read
+/// in the claim's round trip.
+struct FirstWindow {
+    picked: Vec<u32>,
+    routes: Prefetched,
+}
+
+/// A window's names and their gateway ids, read ahead.
+type Prefetched = (Vec<String>, Vec<Option<Arc<str>>>);
+
+/// The names at `indices` of `names`.
+fn names_of(names: &[String], indices: &[u32]) -> Vec<String> {
+    indices.iter().map(|&i| names[i as usize].clone()).collect()
 }
 
 /// A chunk on a gateway stream: its gateway, when it was queued, and its
@@ -712,6 +876,12 @@ impl FanoutReport {
         count_deliveries("failed", gateway_id, failed);
     }
 }
+
+/// Recipients up to which an event records its progress at its end rather
+/// than chunk by chunk: what a crash can make a redelivery repeat grows by
+/// at most this per event in flight, and a small event saves a Redis write
+/// per gateway.
+const DEFERRED_RECORDING: usize = 32;
 
 /// How long, after the grace period, a stopping pod's gateway streams may
 /// still write what was queued on them (the drain's own allowances).

@@ -1,10 +1,17 @@
 //! Session membership from `t_session_member` (contract section 5), read
-//! with one indexed query per event; and the writes the seed tool and tests
-//! use to create sessions.
+//! with one indexed query per session and kept in a cache; and the writes
+//! the seed tool and tests use to create sessions.
+//!
+//! The cache serves a session's list for `dispatch.member_cache_ttl` at
+//! most. Once an entry is half that old, the next lookup still gets it but
+//! starts a re-read in the background, which replaces the entry when it is
+//! done; a session with steady traffic is thus never read on the hot path
+//! after its first event. A membership-change message drops the entry at
+//! once, and a re-read that started before the drop is thrown away.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 
@@ -55,9 +62,29 @@ pub struct MemberStore {
 /// of members held; hits and misses feed the hit-ratio gauge.
 #[derive(Clone)]
 struct MemberCache {
-    entries: moka::future::Cache<String, Arc<Vec<String>>>,
+    entries: moka::future::Cache<String, Arc<Cached>>,
+    /// Age at which a lookup starts a background re-read.
+    refresh_after: Duration,
     hits: Arc<AtomicU64>,
     misses: Arc<AtomicU64>,
+}
+
+/// One session's cached members.
+struct Cached {
+    members: Arc<Vec<String>>,
+    loaded: Instant,
+    /// A background re-read is under way.
+    refreshing: AtomicBool,
+}
+
+impl Cached {
+    fn new(members: Arc<Vec<String>>) -> Arc<Self> {
+        Arc::new(Self {
+            members,
+            loaded: Instant::now(),
+            refreshing: AtomicBool::new(false),
+        })
+    }
 }
 
 impl MemberCache {
@@ -124,12 +151,13 @@ impl MemberStore {
         let entries = moka::future::Cache::builder()
             .time_to_live(ttl)
             .max_capacity(capacity)
-            .weigher(|_, members: &Arc<Vec<String>>| {
-                members.len().clamp(1, u32::MAX as usize) as u32
+            .weigher(|_, cached: &Arc<Cached>| {
+                cached.members.len().clamp(1, u32::MAX as usize) as u32
             })
             .build();
         self.cache = Some(MemberCache {
             entries,
+            refresh_after: ttl / 2,
             hits: Arc::default(),
             misses: Arc::default(),
         });
@@ -140,6 +168,15 @@ impl MemberStore {
     pub fn with_max_members(mut self, max_members: usize) -> Self {
         self.max_rows = max_members.saturating_add(1);
         self
+    }
+
+    /// Cache hits and misses so far (`None` without a cache).
+    pub fn cache_lookups(&self) -> Option<(u64, u64)> {
+        let cache = self.cache.as_ref()?;
+        Some((
+            cache.hits.load(Ordering::Relaxed),
+            cache.misses.load(Ordering::Relaxed),
+        ))
     }
 
     /// Forgets the cached members of `session_id`, so the next event reads
@@ -162,23 +199,79 @@ impl MemberStore {
 
     /// As [`MemberStore::members`], shared with the cache instead of copied.
     pub async fn shared(&self, session_id: &str) -> Result<Arc<Vec<String>>, MemberError> {
+        if let Some(hit) = self.cached(session_id).await {
+            return Ok(hit);
+        }
         let Some(cache) = &self.cache else {
             return Ok(Arc::new(self.query_members(session_id).await?));
         };
-        if let Some(hit) = cache.entries.get(session_id).await {
-            cache.observe(true);
-            return Ok(hit);
-        }
-        cache.observe(false);
         // Concurrent misses for one session share a single query: a burst
         // of events to a large group reads its members once.
         cache
             .entries
             .try_get_with(session_id.to_string(), async {
-                self.query_members(session_id).await.map(Arc::new)
+                self.query_members(session_id)
+                    .await
+                    .map(|m| Cached::new(Arc::new(m)))
             })
             .await
+            .map(|c| c.members.clone())
             .map_err(MemberError::Shared)
+    }
+
+    /// The cached members of `session_id`, if the cache holds them (no
+    /// SQL); a miss is counted, and an entry past half its TTL is re-read
+    /// in the background.
+    pub async fn cached(&self, session_id: &str) -> Option<Arc<Vec<String>>> {
+        let cache = self.cache.as_ref()?;
+        let Some(hit) = cache.entries.get(session_id).await else {
+            cache.observe(false);
+            return None;
+        };
+        cache.observe(true);
+        if hit.loaded.elapsed() >= cache.refresh_after
+            && !hit.refreshing.swap(true, Ordering::AcqRel)
+        {
+            tokio::spawn(self.clone().refresh(session_id.to_string(), hit.clone()));
+        }
+        Some(hit.members.clone())
+    }
+
+    /// Re-reads a session in the background and replaces `old` with the
+    /// result, unless the entry was dropped (a membership change) or
+    /// replaced meanwhile.
+    async fn refresh(self, session_id: String, old: Arc<Cached>) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let members = match self.query_members(&session_id).await {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                tracing::debug!(%session_id, error = %e, "background re-read of members failed; the entry stays until its TTL");
+                old.refreshing.store(false, Ordering::Release);
+                metrics::counter!(crate::telemetry::metrics::MEMBER_CACHE_REFRESHES, "outcome" => "failed").increment(1);
+                return;
+            }
+        };
+        let replaced = cache
+            .entries
+            .entry(session_id)
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if Arc::ptr_eq(entry.value(), &old) => {
+                        moka::ops::compute::Op::Put(Cached::new(members))
+                    }
+                    _ => moka::ops::compute::Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        let outcome = match replaced {
+            moka::ops::compute::CompResult::ReplacedWith(_) => "replaced",
+            _ => "discarded",
+        };
+        metrics::counter!(crate::telemetry::metrics::MEMBER_CACHE_REFRESHES, "outcome" => outcome)
+            .increment(1);
     }
 
     async fn query_members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {

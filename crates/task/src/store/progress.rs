@@ -9,8 +9,8 @@
 //! copy, where a set would cost a hash insert per recipient; the list is
 //! read back (and parsed here) only when an event is delivered again. When
 //! the event settles, `resonance:task:{<msg_id>}:settled` is set for
-//! `dedup.window` and the list is dropped: a later copy of the same msg_id
-//! is acked without pushing.
+//! `dedup.window` and the list, if one was written, is dropped: a later
+//! copy of the same msg_id is acked without pushing.
 //!
 //! `resonance:task:{<msg_id>}:lease` is a claim: whoever handles the event
 //! sets it (NX, with a TTL of ack_wait) and renews it while it runs, so two
@@ -19,7 +19,9 @@
 //! the same time, however long the fan-out takes; the second one is handed
 //! back and finds the event settled, or its progress, when it comes again.
 //! A dead-lettered event keeps its progress as long as its dead letter, so
-//! a replay pushes only to whom it had not reached.
+//! a replay pushes only to whom it had not reached. A settled event's claim
+//! is left to expire: the settled mark, which every claim reads, already
+//! turns any later delivery into a duplicate.
 //!
 //! All keys share the `{msg_id}` hash tag, so they live in one Redis Cluster
 //! slot and pipeline together: claiming and reading progress is one round
@@ -89,29 +91,48 @@ impl ProgressStore {
     /// One round trip: claims the event for `token`, and reads whether it
     /// settled before and whom it reached.
     pub async fn claim(&self, msg_id: i64, token: &str) -> Result<Progress, RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(lease_key(msg_id))
+        Ok(self.claim_with(msg_id, token, Vec::new()).await?.0)
+    }
+
+    /// As [`ProgressStore::claim`], with `also` (commands about any keys)
+    /// sent in the same round trip; their answers come back in order.
+    pub async fn claim_with(
+        &self,
+        msg_id: i64,
+        token: &str,
+        also: Vec<redis::Cmd>,
+    ) -> Result<(Progress, Vec<redis::Value>), RedisError> {
+        let lease = lease_key(msg_id);
+        let mut set = redis::cmd("SET");
+        set.arg(&lease)
             .arg(token)
             .arg("NX")
             .arg("PX")
-            .arg(self.lease_ttl.as_millis() as u64)
-            .exists(settled_key(msg_id))
-            .get(delivered_key(msg_id))
-            .pttl(lease_key(msg_id));
-        let (claimed, settled, delivered, lease_left): (
-            Option<String>,
-            bool,
-            Option<Vec<u8>>,
-            i64,
-        ) = self.redis.pipeline(&pipe).await?;
+            .arg(self.lease_ttl.as_millis() as u64);
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(settled_key(msg_id));
+        let mut get = redis::cmd("GET");
+        get.arg(delivered_key(msg_id));
+        let (claim, also) = self.redis.together(vec![set, exists, get], also).await?;
+        let (claimed, settled, delivered): (Option<String>, bool, Option<Vec<u8>>) =
+            self.redis.parse(redis::Value::Array(claim))?;
         let busy = claimed.is_none();
-        Ok(Progress {
+        let busy_for = if busy && !settled {
+            // Rare: asked only when another handler holds the event.
+            let mut pttl = redis::cmd("PTTL");
+            pttl.arg(&lease);
+            let left: i64 = self.redis.query(&pttl).await?;
+            (left >= 0).then(|| Duration::from_millis(left as u64))
+        } else {
+            None
+        };
+        let progress = Progress {
             settled,
             busy,
-            busy_for: (busy && lease_left >= 0).then(|| Duration::from_millis(lease_left as u64)),
+            busy_for,
             delivered: delivered.map(|d| parse_names(&d)).unwrap_or_default(),
-        })
+        };
+        Ok((progress, also))
     }
 
     /// How long a claim lasts without renewal.
@@ -154,9 +175,20 @@ impl ProgressStore {
         self.redis.pipeline::<()>(&pipe).await
     }
 
-    /// Ends `token`'s claim; when `settled`, also marks the event settled
-    /// and drops its per-recipient progress.
-    pub async fn finish(&self, msg_id: i64, token: &str, settled: bool) -> Result<(), RedisError> {
+    /// Ends `token`'s claim; when `settled`, marks the event settled and,
+    /// if progress was `recorded`, drops it.
+    ///
+    /// A settled event's claim is left to expire: every later claim reads
+    /// the settled mark and pushes nothing, so the claim guards nothing any
+    /// more (and a settled event costs one write, no script). An unsettled
+    /// event's claim is released only if it is still `token`'s.
+    pub async fn finish(
+        &self,
+        msg_id: i64,
+        token: &str,
+        settled: bool,
+        recorded: bool,
+    ) -> Result<(), RedisError> {
         let mut pipe = redis::pipe();
         if settled {
             pipe.cmd("SET")
@@ -164,16 +196,18 @@ impl ProgressStore {
                 .arg(1)
                 .arg("PX")
                 .arg(self.window.as_millis() as u64)
-                .ignore()
-                .del(delivered_key(msg_id))
+                .ignore();
+            if recorded {
+                pipe.del(delivered_key(msg_id)).ignore();
+            }
+        } else {
+            pipe.cmd("EVAL")
+                .arg(RELEASE)
+                .arg(1)
+                .arg(lease_key(msg_id))
+                .arg(token)
                 .ignore();
         }
-        pipe.cmd("EVAL")
-            .arg(RELEASE)
-            .arg(1)
-            .arg(lease_key(msg_id))
-            .arg(token)
-            .ignore();
         self.redis.pipeline::<()>(&pipe).await
     }
 }

@@ -255,6 +255,46 @@ impl RedisClient {
         }
     }
 
+    /// Runs the `first` commands (about keys of one slot) and the `rest`
+    /// (any keys; multi-key commands allowed) and returns the answers of
+    /// each: on a standalone server in one pipelined round trip, on a
+    /// cluster `first` as one pipeline and each of `rest` on its own, all
+    /// at once.
+    pub async fn together(
+        &self,
+        first: Vec<Cmd>,
+        rest: Vec<Cmd>,
+    ) -> Result<(Vec<redis::Value>, Vec<redis::Value>), RedisError> {
+        let split = first.len();
+        match &self.connection {
+            Connection::Standalone(_) => {
+                let mut pipe = redis::pipe();
+                for cmd in first.into_iter().chain(rest) {
+                    pipe.add_command(cmd);
+                }
+                let mut answers: Vec<redis::Value> = self.pipeline(&pipe).await?;
+                let rest = answers.split_off(split.min(answers.len()));
+                Ok((answers, rest))
+            }
+            Connection::Cluster(_) => {
+                let mut pipe = redis::pipe();
+                for cmd in first {
+                    pipe.add_command(cmd);
+                }
+                let rest = futures::future::try_join_all(
+                    rest.iter().map(|cmd| self.query::<redis::Value>(cmd)),
+                );
+                let (first, rest) = futures::try_join!(self.pipeline(&pipe), rest)?;
+                Ok((first, rest))
+            }
+        }
+    }
+
+    /// An answer of [`RedisClient::together`] as `T`.
+    pub fn parse<T: FromRedisValue>(&self, value: redis::Value) -> Result<T, RedisError> {
+        redis::from_redis_value(value).map_err(|e| self.err(e.into()))
+    }
+
     /// Runs a pipeline; on a cluster every key of it must share one slot.
     pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, RedisError> {
         let result = match &self.connection {

@@ -67,39 +67,49 @@ impl RouteStore {
         &self,
         usernames: &[String],
     ) -> Result<Vec<Option<Arc<str>>>, RedisError> {
-        let raw = self.raw(usernames).await?;
-        let mut seen: Vec<Arc<str>> = Vec::new();
-        Ok(raw
-            .into_iter()
-            .zip(usernames)
-            .map(|(raw, username)| {
-                let raw = raw?;
-                let id = parse_gateway_id(username, &raw)?;
-                match seen.iter().find(|s| ***s == *id) {
-                    Some(known) => Some(known.clone()),
-                    None => {
-                        let new: Arc<str> = id.as_ref().into();
-                        seen.push(new.clone());
-                        Some(new)
-                    }
+        Ok(gateway_ids_of(usernames, self.raw(usernames).await?))
+    }
+
+    /// The MGETs of [`RouteStore::gateway_ids`], to send along with other
+    /// commands; [`RouteStore::gateway_ids_from`] reads their answers.
+    pub fn lookup_commands(&self, usernames: &[String]) -> Vec<redis::Cmd> {
+        usernames
+            .chunks(self.chunk_size)
+            .map(|chunk| {
+                let mut cmd = redis::cmd("MGET");
+                for u in chunk {
+                    cmd.arg(route_key(u));
                 }
+                cmd
             })
-            .collect())
+            .collect()
+    }
+
+    /// The gateway ids from the answers to [`RouteStore::lookup_commands`].
+    pub fn gateway_ids_from(
+        &self,
+        usernames: &[String],
+        answers: Vec<redis::Value>,
+    ) -> Result<Vec<Option<Arc<str>>>, RedisError> {
+        let mut raw = Vec::with_capacity(usernames.len());
+        for answer in answers {
+            raw.extend(self.redis.parse::<Vec<Option<Vec<u8>>>>(answer)?);
+        }
+        Ok(gateway_ids_of(usernames, raw))
     }
 
     /// The raw route values, in input order.
     async fn raw(&self, usernames: &[String]) -> Result<Vec<Option<Vec<u8>>>, RedisError> {
         // Each chunk's future owns its command and client handle, so the
         // set can be driven concurrently without borrowing from `self`.
-        let mut pending = Vec::with_capacity(usernames.len().div_ceil(self.chunk_size));
-        for chunk in usernames.chunks(self.chunk_size) {
-            let mut cmd = redis::cmd("MGET");
-            for u in chunk {
-                cmd.arg(route_key(u));
-            }
-            let redis = self.redis.clone();
-            pending.push(async move { redis.query::<Vec<Option<Vec<u8>>>>(&cmd).await });
-        }
+        let pending: Vec<_> = self
+            .lookup_commands(usernames)
+            .into_iter()
+            .map(|cmd| {
+                let redis = self.redis.clone();
+                async move { redis.query::<Vec<Option<Vec<u8>>>>(&cmd).await }
+            })
+            .collect();
         let chunks: Vec<Vec<Option<Vec<u8>>>> = futures::stream::iter(pending)
             .buffered(self.concurrency)
             .try_collect()
@@ -123,6 +133,27 @@ impl RouteStore {
         cmd.arg(route_key(username));
         self.redis.query::<()>(&cmd).await
     }
+}
+
+/// The gateway id of each user from its raw route value (`None` as in
+/// [`RouteStore::lookup`]), each distinct id allocated once.
+fn gateway_ids_of(usernames: &[String], raw: Vec<Option<Vec<u8>>>) -> Vec<Option<Arc<str>>> {
+    let mut seen: Vec<Arc<str>> = Vec::new();
+    raw.into_iter()
+        .zip(usernames)
+        .map(|(raw, username)| {
+            let raw = raw?;
+            let id = parse_gateway_id(username, &raw)?;
+            match seen.iter().find(|s| ***s == *id) {
+                Some(known) => Some(known.clone()),
+                None => {
+                    let new: Arc<str> = id.as_ref().into();
+                    seen.push(new.clone());
+                    Some(new)
+                }
+            }
+        })
+        .collect()
 }
 
 fn parse_route(username: &str, raw: &[u8]) -> Option<Route> {

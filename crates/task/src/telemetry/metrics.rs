@@ -29,6 +29,10 @@ pub const REGISTRY_GATEWAYS: &str = "resonance_task_registry_gateways";
 /// Share of member lookups served from the in-process cache.
 pub const MEMBER_CACHE_HIT_RATIO: &str = "resonance_task_member_cache_hit_ratio";
 pub const MEMBER_CACHE_INVALIDATIONS: &str = "resonance_task_member_cache_invalidations_total";
+/// Background re-reads of cached sessions, by outcome (`replaced`: the
+/// entry now holds the new list; `discarded`: it was dropped or replaced
+/// meanwhile; `failed`: SQL failed, the entry stays until its TTL).
+pub const MEMBER_CACHE_REFRESHES: &str = "resonance_task_member_cache_refreshes_total";
 /// Events waiting in the durable consumer (JetStream num_pending): lag.
 pub const CONSUMER_PENDING: &str = "resonance_task_consumer_pending";
 /// Events delivered to a pod but not yet acked (JetStream num_ack_pending).
@@ -112,6 +116,10 @@ pub fn describe() {
     describe_counter!(
         MEMBER_CACHE_INVALIDATIONS,
         "Sessions dropped from the member cache by a membership-change message"
+    );
+    describe_counter!(
+        MEMBER_CACHE_REFRESHES,
+        "Background re-reads of cached sessions, by outcome"
     );
     describe_gauge!(CONSUMER_PENDING, "Events waiting in the durable consumer");
     describe_gauge!(CONSUMER_ACK_PENDING, "Events delivered but not yet acked");
