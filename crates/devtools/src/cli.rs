@@ -62,7 +62,7 @@ pub enum DevCommand {
     /// algorithm, per-user streams, batch-v1 and the I/O floor, side by side
     /// on private servers.
     #[command(
-        after_help = "Example:\n  resonance-task bench --json\n  resonance-task bench --sweep --modes batch,floor\n\nNeeds nats-server, etcd and redis-server. Build with --release for meaningful figures."
+        after_help = "Example:\n  resonance-task bench --json\n  resonance-task bench --sweep --mix --json\n  resonance-task bench --mix 2x90,3-20x10 --modes batch\n  resonance-task bench --sweep --mix --compare docs/bench-baseline.json\n\nNeeds nats-server, etcd and redis-server. Build with --release for meaningful figures."
     )]
     Bench(BenchArgs),
 }
@@ -106,7 +106,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "serial,stream,batch,floor"
+        default_value = "serial,stream,batch,floor-js,floor"
     )]
     modes: Vec<bench::Mode>,
     /// Members per session in the throughput run
@@ -123,12 +123,25 @@ pub struct BenchArgs {
     /// Seconds the latency run publishes
     #[arg(long, default_value_t = 5.0)]
     latency_seconds: f64,
-    /// Also measure group sizes 2..100,000 (batch and floor) and write
-    /// bench-sweep.json and bench-sweep.svg into --sweep-dir
+    /// Also measure group sizes 2..100,000 (serial, batch, floor-js and
+    /// floor) and write bench-sweep.json and bench-sweep.svg into
+    /// --sweep-dir
     #[arg(long)]
     sweep: bool,
     #[arg(long, default_value = "docs")]
     sweep_dir: PathBuf,
+    /// Also measure serial, batch, floor-js and floor on a traffic mix of
+    /// session sizes, SIZExWEIGHT,... (SIZE a count or a range); without a
+    /// value, the default mix (an assumption about IM traffic)
+    #[arg(long, value_name = "MIX", num_args = 0..=1, default_missing_value = bench::DEFAULT_MIX)]
+    mix: Option<bench::MixSpec>,
+    /// Compare the report's ratios with a saved baseline; exit non-zero
+    /// when one is more than 20% below it
+    #[arg(long, value_name = "FILE")]
+    compare: Option<PathBuf>,
+    /// Save the report's ratios as a baseline (for --compare)
+    #[arg(long, value_name = "FILE")]
+    save_baseline: Option<PathBuf>,
     /// Also fan out 30 events of 100,000 members through a pod process
     /// while one gateway answers slowly, and report the pod's peak memory
     #[arg(long)]
@@ -297,8 +310,14 @@ async fn run_publish(args: PublishArgs, config: Config) -> Result<()> {
     Ok(())
 }
 
-/// `bench`: the report as a table, and as JSON when asked.
+/// `bench`: the report as a table, and as JSON when asked; then the
+/// comparison with a baseline, when asked, which fails on a regression.
 async fn run_bench(args: BenchArgs, config: Config) -> Result<()> {
+    // Read before the run, so a wrong path fails in a second, not after it.
+    let baseline = match &args.compare {
+        Some(path) => Some(bench::baseline::Baseline::load(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let report = bench::run(bench::BenchOptions {
         modes: args.modes,
         group_size: args.group_size,
@@ -307,16 +326,40 @@ async fn run_bench(args: BenchArgs, config: Config) -> Result<()> {
         latency_group_size: args.latency_group_size,
         latency_seconds: args.latency_seconds,
         sweep: args.sweep.then_some(args.sweep_dir),
+        mix: args.mix,
         storm: args.storm,
         priority: args.priority,
         tls: args.tls,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         tuning: config,
     })
-    .await?;
+    .await
+    .context("bench failed")?;
     print!("{}", report.to_text());
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
+    }
+    if let Some(path) = &args.save_baseline {
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        bench::baseline::Baseline::of(&report, command)
+            .save(path)
+            .map_err(anyhow::Error::msg)?;
+    }
+    if let Some(baseline) = baseline {
+        let comparison = bench::baseline::compare(&baseline, &report);
+        eprint!("{}", comparison.to_text());
+        let regressed = comparison.regressed();
+        if !regressed.is_empty() {
+            anyhow::bail!(
+                "{} ratio(s) more than 20% below the baseline: {}",
+                regressed.len(),
+                regressed
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     Ok(())
 }

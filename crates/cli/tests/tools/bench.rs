@@ -20,7 +20,7 @@ async fn every_mode_delivers_what_it_submitted() {
     .await
     .expect("bench runs");
     for mode in Mode::ALL {
-        let r = &report.modes[mode.as_str()];
+        let r = &report.modes[mode.key()];
         assert_eq!(r.deliveries, r.events as u64 * 40, "{mode}");
         assert!(
             r.deliveries_per_sec > 0.0 && r.p99_ms >= r.p50_ms,
@@ -35,8 +35,9 @@ async fn every_mode_delivers_what_it_submitted() {
     let latency = report.latency_at_half_peak.as_ref().expect("latency run");
     assert!(latency.deliveries > 0 && latency.events_per_sec > 0.0);
     let json = serde_json::to_value(&report).unwrap();
-    for key in ["deliveries_per_sec", "p50_ms", "p99_ms"] {
+    for key in ["deliveries_per_sec", "events_per_sec", "p50_ms", "p99_ms"] {
         assert!(json["modes"]["batch"][key].is_number(), "{key}");
+        assert!(json["modes"]["floor_js"][key].is_number(), "{key}");
     }
     assert!(report.to_text().contains("batch_vs_serial"));
 }
@@ -63,4 +64,44 @@ async fn the_tls_comparison_delivers_over_mutual_tls() {
     assert_eq!(tls.plain.events, tls.mtls.events, "same workload");
     assert!(tls.mtls_vs_plain > 0.0, "{tls:?}");
     assert!(report.to_text().contains("mtls_vs_plain"));
+}
+
+/// `--mix`: every mode runs the same sequence of session sizes (serial its
+/// first part), delivers exactly what it submitted, and the report carries
+/// events/s, deliveries/s and p99 per mode, the batch-over-serial ratio and
+/// the latency at half of the batch peak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traffic_mix_runs_every_mode_on_one_sequence() {
+    let spec: bench::MixSpec = "2x70,3-20x20,21-60x10".parse().unwrap();
+    let report = bench::run(BenchOptions {
+        modes: vec![],
+        group_size: 2,
+        gateways: 2,
+        deliveries: 6_000,
+        latency_seconds: 0.3,
+        mix: Some(spec),
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .expect("bench runs");
+    let mix = report.mix.as_ref().expect("the mix ran");
+    assert!(mix.mean_group_size > 2.0, "{mix:?}");
+    for r in [&mix.serial, &mix.batch, &mix.floor_js, &mix.floor] {
+        assert!(r.events > 0 && r.events_per_sec > 0.0, "{r:?}");
+        assert!(r.deliveries as usize >= r.events * 2, "{r:?}");
+    }
+    assert_eq!(mix.batch.events, mix.floor.events, "same sequence");
+    assert!(mix.serial.events < mix.batch.events, "serial runs a part");
+    assert!(mix.batch_vs_serial > 0.0);
+    assert!(mix.latency_at_half_peak.deliveries > 0);
+    let json = serde_json::to_value(&report).unwrap();
+    for mode in ["serial", "batch", "floor_js", "floor"] {
+        for key in ["events_per_sec", "deliveries_per_sec", "p99_ms"] {
+            assert!(json["mix"][mode][key].is_number(), "mix.{mode}.{key}");
+        }
+    }
+    assert!(json["mix"]["batch_vs_serial"].is_number());
+    assert!(json["mix"]["latency_at_half_peak"]["p99_ms"].is_number());
+    assert!(report.to_text().contains("mix 2x70,3-20x20,21-60x10"));
 }

@@ -1,6 +1,7 @@
 //! What a benchmark mode runs: a task pod of this service (`stream`,
-//! `batch`), the upstream algorithm (`serial`) or the I/O floor (`floor`),
-//! each fed events through [`Driver::submit`].
+//! `batch`), the upstream algorithm (`serial`), or the I/O floor fed
+//! directly (`floor`) or through JetStream (`floor-js`), each fed events
+//! through [`Driver::submit`].
 
 use std::fmt;
 use std::time::Duration;
@@ -10,30 +11,47 @@ use prost::Message;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use super::floor::Floor;
+use super::floor::{Floor, FloorJs};
 use super::serial::Serial;
 use super::{Bench, BenchError, setup};
 use resonance_task::config::{Config, PushProtocolChoice};
 use resonance_task::proto::PushEvent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
     Serial,
     Stream,
     Batch,
+    FloorJs,
     Floor,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Serial, Mode::Stream, Mode::Batch, Mode::Floor];
+    pub const ALL: [Mode; 5] = [
+        Mode::Serial,
+        Mode::Stream,
+        Mode::Batch,
+        Mode::FloorJs,
+        Mode::Floor,
+    ];
 
+    /// Its name on the command line and in the report's text.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Serial => "serial",
             Mode::Stream => "stream",
             Mode::Batch => "batch",
+            Mode::FloorJs => "floor-js",
             Mode::Floor => "floor",
+        }
+    }
+
+    /// Its key in the JSON report.
+    pub fn key(self) -> &'static str {
+        match self {
+            Mode::FloorJs => "floor_js",
+            m => m.as_str(),
         }
     }
 }
@@ -50,7 +68,7 @@ pub(crate) enum Driver {
         mode: Mode,
         nats: async_nats::Client,
         topic: String,
-        consumer: Consumer,
+        consumer: Box<Consumer>,
     },
     Floor(Floor),
 }
@@ -61,14 +79,15 @@ pub(crate) enum Consumer {
         task: JoinHandle<Result<(), resonance_task::RunError>>,
     },
     Serial(Serial),
+    FloorJs(FloorJs),
 }
 
 /// The pod configuration of a mode: its own subject, stream and durable,
 /// so no mode sees another's events.
 pub(crate) fn pod_config(base: &Config, mode: Mode) -> Config {
     let mut c = base.clone();
-    c.consumer.topic = format!("resonance.bench.{mode}.v1");
-    c.consumer.stream = format!("BENCH_{}", mode.as_str().to_uppercase());
+    c.consumer.topic = format!("resonance.bench.{}.v1", mode.key());
+    c.consumer.stream = format!("BENCH_{}", mode.key().to_uppercase());
     c.consumer.queue_group = format!("bench-{mode}");
     c.gateway.push_protocol = match mode {
         Mode::Stream => PushProtocolChoice::PerUser,
@@ -81,6 +100,19 @@ impl Driver {
     pub(crate) async fn start(mode: Mode, bench: &Bench) -> Result<Self, BenchError> {
         if mode == Mode::Floor {
             return Ok(Driver::Floor(Floor::start(bench).await?));
+        }
+        if mode == Mode::FloorJs {
+            let config = pod_config(&bench.config, mode);
+            let consumer = Consumer::FloorJs(FloorJs::start(bench, &config).await?);
+            let nats = resonance_task::nats::connect(&config.nats, "resonance-task-bench")
+                .await
+                .map_err(setup)?;
+            return Ok(Driver::Published {
+                mode,
+                nats,
+                topic: config.consumer.topic,
+                consumer: Box::new(consumer),
+            });
         }
         Self::start_with(mode, pod_config(&bench.config, mode)).await
     }
@@ -108,7 +140,7 @@ impl Driver {
             mode,
             nats,
             topic: config.consumer.topic,
-            consumer,
+            consumer: Box::new(consumer),
         })
     }
 
@@ -141,13 +173,17 @@ impl Driver {
 
     pub(crate) async fn stop(self) -> Result<(), BenchError> {
         match self {
-            Driver::Published { consumer, .. } => match consumer {
+            Driver::Published { consumer, .. } => match *consumer {
                 Consumer::Pod { shutdown, task } => {
                     let _ = shutdown.send(());
                     task.await.map_err(setup)?.map_err(setup)
                 }
                 Consumer::Serial(serial) => {
                     serial.stop().await;
+                    Ok(())
+                }
+                Consumer::FloorJs(floor) => {
+                    floor.stop().await;
                     Ok(())
                 }
             },

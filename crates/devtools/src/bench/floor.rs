@@ -4,20 +4,31 @@
 //! gRPC streams, and the answers awaited. No NATS, no SQL, no claims or
 //! progress, no planning: recipients' gateways and the frames' recipient
 //! lists are worked out before the clock starts.
+//!
+//! `floor-js` is the same floor fed through JetStream: events are published
+//! to a work-queue stream like the pod's, pulled by a durable consumer with
+//! as many in flight as the pod's workers, and acked once pushed. Between
+//! floor, floor-js and batch the gap splits into what the queue costs and
+//! what the service adds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use async_nats::jetstream;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
+use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic_prost::ProstDecoder;
 
 use super::{Bench, BenchError, Session, setup};
+use resonance_task::config::Config;
 use resonance_task::proto::{PushBatchResponse, PushEvent};
 use resonance_task::store::{RedisClient, route_key};
 
@@ -154,6 +165,7 @@ impl Floor {
             .sessions
             .values()
             .flatten()
+            .chain(&bench.mixed)
             .map(|s| {
                 (
                     s.id.clone(),
@@ -199,6 +211,87 @@ impl Floor {
         self.tracker.close();
         drop(self.inner);
         self.tracker.wait().await;
+    }
+}
+
+/// The floor behind a JetStream stream and durable consumer of its own.
+pub(crate) struct FloorJs {
+    floor: Floor,
+    stop: CancellationToken,
+    pulling: JoinHandle<()>,
+}
+
+/// Messages one pull request asks for, as the pod's intake.
+const PULL_BATCH: usize = 256;
+
+impl FloorJs {
+    /// Binds `config.consumer`'s stream and durable consumer (created as the
+    /// pod creates them) and starts pulling.
+    pub(crate) async fn start(bench: &Bench, config: &Config) -> Result<Self, BenchError> {
+        let floor = Floor::start(bench).await?;
+        let nats = resonance_task::nats::connect(&config.nats, "resonance-task-bench-floor-js")
+            .await
+            .map_err(setup)?;
+        let js = jetstream::new(nats);
+        let consumer = resonance_task::consumer::jetstream::ensure(&js, &config.consumer)
+            .await
+            .map_err(setup)?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(PULL_BATCH)
+            .messages()
+            .await
+            .map_err(setup)?;
+        let stop = CancellationToken::new();
+        let (inner, in_flight, tracker) = (
+            floor.inner.clone(),
+            floor.in_flight.clone(),
+            floor.tracker.clone(),
+        );
+        let stopped = stop.clone();
+        let pulling = tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                let message = match message {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "floor-js: pull failed");
+                        continue;
+                    }
+                    None => return,
+                };
+                let permit = in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore is never closed");
+                let inner = inner.clone();
+                tracker.spawn(async move {
+                    match PushEvent::decode(message.payload.as_ref()) {
+                        Ok(event) => inner.fan_out(event).await,
+                        Err(e) => tracing::warn!(error = %e, "floor-js: undecodable event"),
+                    }
+                    if let Err(e) = message.ack().await {
+                        tracing::warn!(error = %e, "floor-js: ack not sent");
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Self {
+            floor,
+            stop,
+            pulling,
+        })
+    }
+
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.pulling.await;
+        self.floor.stop().await;
     }
 }
 

@@ -7,6 +7,8 @@
 //!   push awaited before the next, 10 events in flight (`serial`);
 //! - `stream`: this service with per-user `PushService` requests, pipelined;
 //! - `batch`: this service with batch-v1 frames;
+//! - `floor-js`: the floor behind a JetStream stream and durable consumer,
+//!   one consume and one ack per event (what the queue itself costs);
 //! - `floor`: only the I/O the path cannot avoid, done directly — one MGET
 //!   per recipient chunk and pre-encoded batch-v1 frames, no NATS, no SQL,
 //!   no service logic (`floor`): the practical limit of this machine.
@@ -17,9 +19,16 @@
 //! milliseconds) to its arrival, so it has millisecond resolution. A second
 //! phase measures latency at half of the batch mode's peak with smaller
 //! groups, where latency rather than queueing is what shows.
+//!
+//! `--sweep` repeats serial, batch, floor-js and floor at group sizes from 2
+//! to 100,000; `--mix` runs them on a traffic mix of session sizes (see
+//! `mix`). `--compare` checks the report's ratios against a recorded
+//! baseline (see `baseline`).
 
+pub mod baseline;
 mod drivers;
 mod floor;
+mod mix;
 mod plot;
 mod priority;
 mod serial;
@@ -48,6 +57,7 @@ use resonance_testkit::certs::DevPki;
 use resonance_testkit::servers::{self, LocalServer, StackError};
 
 pub use drivers::Mode;
+pub use mix::{DEFAULT_MIX, MixSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -92,6 +102,8 @@ pub struct BenchOptions {
     pub latency_seconds: f64,
     /// Also measure group sizes 2 .. 100,000 and write the curve here.
     pub sweep: Option<PathBuf>,
+    /// Also measure every mode on this traffic mix.
+    pub mix: Option<MixSpec>,
     /// Also run a burst of 100,000-member events through a pod process
     /// with one slow gateway and report its peak memory.
     pub storm: bool,
@@ -119,6 +131,7 @@ impl Default for BenchOptions {
             latency_group_size: 100,
             latency_seconds: 5.0,
             sweep: None,
+            mix: None,
             storm: false,
             priority: false,
             tls: false,
@@ -140,8 +153,15 @@ const STORM_DELAY: Duration = Duration::from_millis(20);
 /// How long the priority phase offers its load, per lane setting.
 const PRIORITY_SECONDS: f64 = 5.0;
 
-/// Sessions per group size; events go round-robin over them.
+/// Sessions per group size at least; events go round-robin over them.
 const SESSIONS_PER_SIZE: usize = 8;
+/// Sessions per group size at most: small groups get as many as the users
+/// allow up to this, since small-group traffic is spread over many
+/// conversations.
+const MAX_SESSIONS_PER_SIZE: usize = 256;
+
+/// Deliveries the serial mode makes at most per sweep point (it is slow).
+const SERIAL_SWEEP_DELIVERIES: usize = 200_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeResult {
@@ -150,6 +170,7 @@ pub struct ModeResult {
     pub events: usize,
     pub deliveries: u64,
     pub elapsed_s: f64,
+    pub events_per_sec: f64,
     pub deliveries_per_sec: f64,
     /// Cost of one delivery in CPU-microseconds of wall time at saturation
     /// (1e6 / deliveries_per_sec).
@@ -190,6 +211,8 @@ pub struct BenchReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sweep: Option<Vec<plot::SweepPoint>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub mix: Option<mix::MixResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storm: Option<storm::StormResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<priority::PriorityResult>,
@@ -209,8 +232,8 @@ pub struct TlsResult {
 
 impl BenchReport {
     fn ratio(&self, a: Mode, b: Mode) -> Option<f64> {
-        let a = self.modes.get(a.as_str())?.deliveries_per_sec;
-        let b = self.modes.get(b.as_str())?.deliveries_per_sec;
+        let a = self.modes.get(a.key())?.deliveries_per_sec;
+        let b = self.modes.get(b.key())?.deliveries_per_sec;
         (b > 0.0).then(|| round(a / b, 2))
     }
 
@@ -235,7 +258,7 @@ impl BenchReport {
             "p99 ms"
         ));
         for mode in Mode::ALL {
-            if let Some(r) = self.modes.get(mode.as_str()) {
+            if let Some(r) = self.modes.get(mode.key()) {
                 out.push_str(&format!(
                     "{:<8} {:>8} {:>11} {:>9.2} {:>16.0} {:>10.2} {:>10.1} {:>10.1}\n",
                     mode.as_str(),
@@ -295,21 +318,48 @@ impl BenchReport {
             ));
         }
         if let Some(sweep) = &self.sweep {
-            out.push_str("\nsweep (batch mode and floor, per-delivery cost):\n");
+            out.push_str("\nsweep (deliveries/s by group size):\n");
             out.push_str(&format!(
-                "{:>8} {:>14} {:>10} {:>14} {:>10}\n",
-                "group", "batch deliv/s", "us/deliv", "floor deliv/s", "us/deliv"
+                "{:>8} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9}\n",
+                "group", "serial", "batch", "floor-js", "floor", "b/floor", "b/serial"
             ));
             for p in sweep {
                 out.push_str(&format!(
-                    "{:>8} {:>14.0} {:>10.2} {:>14.0} {:>10.2}\n",
+                    "{:>8} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>9.2} {:>9.2}\n",
                     p.group_size,
+                    p.serial.deliveries_per_sec,
                     p.batch.deliveries_per_sec,
-                    p.batch.per_delivery_us,
+                    p.floor_js.deliveries_per_sec,
                     p.floor.deliveries_per_sec,
-                    p.floor.per_delivery_us
+                    p.batch_vs_floor,
+                    p.batch_vs_serial
                 ));
             }
+        }
+        if let Some(m) = &self.mix {
+            out.push_str(&format!(
+                "\nmix {} (mean {:.1} members per event):\n",
+                m.spec, m.mean_group_size
+            ));
+            out.push_str(&format!(
+                "{:<8} {:>8} {:>12} {:>14} {:>10}\n",
+                "mode", "events", "events/s", "deliveries/s", "p99 ms"
+            ));
+            for r in [&m.serial, &m.batch, &m.floor_js, &m.floor] {
+                out.push_str(&format!(
+                    "{:<8} {:>8} {:>12.0} {:>14.0} {:>10.1}\n",
+                    r.mode.as_str(),
+                    r.events,
+                    r.events_per_sec,
+                    r.deliveries_per_sec,
+                    r.p99_ms
+                ));
+            }
+            let l = &m.latency_at_half_peak;
+            out.push_str(&format!(
+                "mix batch_vs_serial (events/s): {:.2}; batch_vs_floor: {:.2}; at half peak ({:.0} of {:.0} events/s): p50 {:.1} ms, p99 {:.1} ms\n",
+                m.batch_vs_serial, m.batch_vs_floor, l.events_per_sec, l.peak_events_per_sec, l.p50_ms, l.p99_ms
+            ));
         }
         out
     }
@@ -364,6 +414,8 @@ pub(crate) struct Bench {
     pub users: usize,
     store: MemberStore,
     sessions: BTreeMap<usize, Vec<Session>>,
+    /// The traffic mix's sessions.
+    pub(crate) mixed: Vec<Session>,
     next_msg_id: AtomicI64,
     progress: bool,
 }
@@ -436,40 +488,69 @@ impl Bench {
             users,
             store,
             sessions: BTreeMap::new(),
+            mixed: Vec::new(),
             next_msg_id: AtomicI64::new(super::publish::fresh_msg_id_base()),
             progress,
         })
     }
 
-    /// Creates `SESSIONS_PER_SIZE` sessions of `size` members (once).
+    /// Creates the sessions of `size` members (once): as many as the users
+    /// make up, at least `SESSIONS_PER_SIZE`, at most `MAX_SESSIONS_PER_SIZE`.
     async fn sessions(&mut self, size: usize) -> Result<Vec<Session>, BenchError> {
         if let Some(s) = self.sessions.get(&size) {
             return Ok(s.clone());
         }
         let size = size.min(self.users);
-        let mut sessions = Vec::with_capacity(SESSIONS_PER_SIZE);
-        for s in 0..SESSIONS_PER_SIZE {
-            let offset = s * size.max(self.users / SESSIONS_PER_SIZE) % self.users;
-            let members: Vec<String> = (0..size)
-                .map(|i| user_name("user-", (offset + i) % self.users))
-                .collect();
-            let id = format!("bench-{size}-{s}");
-            self.store
-                .create_session(&SessionSeed {
-                    session_id: id.clone(),
-                    kind: if size == 2 { 1 } else { 2 },
-                    name: id.clone(),
-                    owner: members[0].clone(),
-                    members: members.clone(),
-                })
-                .await?;
-            sessions.push(Session {
-                id,
-                members: Arc::new(members),
-            });
+        let count = (self.users / size).clamp(SESSIONS_PER_SIZE, MAX_SESSIONS_PER_SIZE);
+        let mut sessions = Vec::with_capacity(count);
+        for s in 0..count {
+            let offset = s * size.max(self.users / count) % self.users;
+            sessions.push(
+                self.create(format!("bench-{size}-{s}"), size, offset)
+                    .await?,
+            );
         }
         self.sessions.insert(size, sessions.clone());
         Ok(sessions)
+    }
+
+    /// A session of `size` users from the `offset`-th on.
+    async fn create(&self, id: String, size: usize, offset: usize) -> Result<Session, BenchError> {
+        let members: Vec<String> = (0..size.min(self.users))
+            .map(|i| user_name("user-", (offset + i) % self.users))
+            .collect();
+        self.store
+            .create_session(&SessionSeed {
+                session_id: id.clone(),
+                kind: if size == 2 { 1 } else { 2 },
+                name: id.clone(),
+                owner: members[0].clone(),
+                members: members.clone(),
+            })
+            .await?;
+        Ok(Session {
+            id,
+            members: Arc::new(members),
+        })
+    }
+
+    /// The sessions of a traffic mix, per band (once).
+    async fn mix_sessions(&mut self, spec: &MixSpec) -> Result<Vec<Vec<Session>>, BenchError> {
+        let mut bands = Vec::new();
+        let mut made = 0usize;
+        for (band, sizes) in spec.session_sizes().into_iter().enumerate() {
+            let mut sessions = Vec::with_capacity(sizes.len());
+            for (i, size) in sizes.into_iter().enumerate() {
+                let id = format!("bench-mix-{band}-{i}-{size}");
+                sessions.push(self.create(id, size, made * 7919 % self.users).await?);
+                made += 1;
+            }
+            bands.push(sessions);
+        }
+        for session in bands.iter().flatten() {
+            self.mixed.push(session.clone());
+        }
+        Ok(bands)
     }
 
     pub(crate) fn event(&self, session: &Session) -> PushEvent {
@@ -496,17 +577,15 @@ impl Bench {
             .sum()
     }
 
-    /// Submits `events` events round-robin over `sessions` at `rate` per
-    /// second (0: all at once) and waits until every delivery arrived.
+    /// Submits an event to each of `events` in turn at `rate` per second
+    /// (0: all at once) and waits until every delivery arrived.
     async fn measure(
         &self,
         driver: &Driver,
-        sessions: &[Session],
-        events: usize,
+        events: &[Session],
         rate: f64,
     ) -> Result<ModeResult, BenchError> {
-        let per_event = sessions[0].members.len() as u64;
-        let expected = per_event * events as u64;
+        let expected: u64 = events.iter().map(|s| s.members.len() as u64).sum();
         let base = self.delivered();
         for g in &self.gateways {
             g.ledger.reset_latency();
@@ -515,11 +594,9 @@ impl Bench {
         let clock = tokio::time::Instant::now();
         let mut pacer = super::publish::Pacer::new(rate);
         let submit = async {
-            for i in 0..events {
+            for session in events {
                 pacer.tick().await;
-                driver
-                    .submit(self.event(&sessions[i % sessions.len()]))
-                    .await?;
+                driver.submit(self.event(session)).await?;
             }
             driver.flush().await
         };
@@ -542,10 +619,11 @@ impl Bench {
         let per_sec = deliveries as f64 / elapsed_s.max(1e-6);
         Ok(ModeResult {
             mode,
-            group_size: per_event as usize,
-            events,
+            group_size: (expected as f64 / events.len().max(1) as f64).round() as usize,
+            events: events.len(),
             deliveries,
             elapsed_s: round(elapsed_s, 3),
+            events_per_sec: round(events.len() as f64 / elapsed_s.max(1e-6), 1),
             deliveries_per_sec: per_sec.round(),
             per_delivery_us: round(1e6 / per_sec.max(1e-9), 3),
             p50_ms: quantile_ms(&latency, 0.5),
@@ -592,19 +670,29 @@ impl Bench {
         }
     }
 
-    /// A short unmeasured run: opens streams, fills caches.
+    /// A short unmeasured run: opens streams, fills caches. The sessions get
+    /// an event each in turn (twice round at most) while that makes no more
+    /// than `WARM_UP_DELIVERIES` deliveries, one event at least.
     async fn warm_up(&self, driver: &Driver, sessions: &[Session]) -> Result<(), BenchError> {
-        let events = sessions.len() * 2;
-        let expected = sessions[0].members.len() as u64 * events as u64;
+        const WARM_UP_DELIVERIES: u64 = 20_000;
+        let mut expected = 0u64;
         let base = self.delivered();
-        for i in 0..events {
-            driver
-                .submit(self.event(&sessions[i % sessions.len()]))
-                .await?;
+        for (i, session) in sessions.iter().cycle().take(sessions.len() * 2).enumerate() {
+            let size = session.members.len() as u64;
+            if i > 0 && expected + size > WARM_UP_DELIVERIES {
+                break;
+            }
+            driver.submit(self.event(session)).await?;
+            expected += size;
         }
         driver.flush().await?;
         self.wait_for(driver.mode(), base, expected, false).await
     }
+}
+
+/// `count` events round-robin over `sessions`.
+fn round_robin(sessions: &[Session], count: usize) -> Vec<Session> {
+    sessions.iter().cycle().take(count).cloned().collect()
 }
 
 fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -641,9 +729,13 @@ fn events_for(mode: Mode, deliveries: u64, group_size: usize) -> usize {
 }
 
 /// Events per sweep point: enough deliveries to measure, few enough events
-/// that small groups finish in seconds.
-fn sweep_events(group_size: usize) -> usize {
-    (500_000 / group_size).clamp(SESSIONS_PER_SIZE, 50_000)
+/// that small groups finish in seconds; the serial mode makes at most
+/// `SERIAL_SWEEP_DELIVERIES`, two events at least.
+fn sweep_events(mode: Mode, group_size: usize) -> usize {
+    match mode {
+        Mode::Serial => (SERIAL_SWEEP_DELIVERIES / group_size).clamp(2, 10_000),
+        _ => (500_000 / group_size).clamp(SESSIONS_PER_SIZE, 50_000),
+    }
 }
 
 /// A reference gateway of the benchmark: batch-v1, no per-user ledger.
@@ -683,20 +775,19 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         SWEEP_SIZES[SWEEP_SIZES.len() - 1]
     } else {
         opts.group_size.max(opts.latency_group_size)
-    };
+    }
+    .max(opts.mix.as_ref().map_or(0, MixSpec::largest));
     let users = largest.max(4000).div_ceil(opts.gateways) * opts.gateways;
     let mut bench = Bench::start(opts.gateways, users, opts.progress, &opts.tuning, None).await?;
     let sessions = bench.sessions(opts.group_size).await?;
     let mut modes = BTreeMap::new();
     for &mode in &opts.modes {
-        let result = run_mode(
-            &bench,
-            mode,
+        let events = round_robin(
             &sessions,
             events_for(mode, opts.deliveries, opts.group_size),
-        )
-        .await?;
-        modes.insert(mode.as_str().to_string(), result);
+        );
+        let result = run_mode(&bench, mode, &sessions, &events).await?;
+        modes.insert(mode.key().to_string(), result);
     }
 
     let latency_at_half_peak = if opts.modes.contains(&Mode::Batch) {
@@ -704,20 +795,15 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         let driver = Driver::start(Mode::Batch, &bench).await?;
         bench.warm_up(&driver, &sessions).await?;
         let peak_events = events_for(Mode::Batch, opts.deliveries, opts.latency_group_size);
-        let peak = bench.measure(&driver, &sessions, peak_events, 0.0).await?;
-        let peak_rate = peak.deliveries_per_sec / opts.latency_group_size as f64;
-        let rate = peak_rate / 2.0;
-        let events = ((rate * opts.latency_seconds) as usize).max(SESSIONS_PER_SIZE);
-        let paced = bench.measure(&driver, &sessions, events, rate).await?;
-        driver.stop().await?;
-        Some(LatencyResult {
-            group_size: opts.latency_group_size,
-            peak_events_per_sec: peak_rate.round(),
-            events_per_sec: rate.round(),
-            deliveries: paced.deliveries,
-            p50_ms: paced.p50_ms,
-            p99_ms: paced.p99_ms,
+        let peak = bench
+            .measure(&driver, &round_robin(&sessions, peak_events), 0.0)
+            .await?;
+        let latency = at_half_peak(&bench, &driver, &peak, opts.latency_seconds, |n| {
+            round_robin(&sessions, n)
         })
+        .await?;
+        driver.stop().await?;
+        Some(latency)
     } else {
         None
     };
@@ -727,18 +813,23 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             let mut points = Vec::new();
             for size in SWEEP_SIZES {
                 let sessions = bench.sessions(size).await?;
-                let events = sweep_events(size);
-                let batch = run_mode(&bench, Mode::Batch, &sessions, events).await?;
-                let floor = run_mode(&bench, Mode::Floor, &sessions, events).await?;
-                points.push(plot::SweepPoint {
-                    group_size: size,
-                    batch,
-                    floor,
-                });
+                let mut measured = Vec::new();
+                for mode in [Mode::Serial, Mode::Batch, Mode::FloorJs, Mode::Floor] {
+                    let events = round_robin(&sessions, sweep_events(mode, size));
+                    measured.push(run_mode(&bench, mode, &sessions, &events).await?);
+                }
+                let [serial, batch, floor_js, floor] =
+                    <[ModeResult; 4]>::try_from(measured).expect("four modes");
+                points.push(plot::SweepPoint::new(size, serial, batch, floor_js, floor));
             }
             write_sweep(dir, &points)?;
             Some(points)
         }
+        None => None,
+    };
+
+    let mix = match &opts.mix {
+        Some(spec) => Some(run_mix(&mut bench, spec, opts.deliveries, opts.latency_seconds).await?),
         None => None,
     };
 
@@ -747,9 +838,14 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             Some(batch) => batch.deliveries_per_sec,
             None => {
                 let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
-                run_mode(&bench, Mode::Batch, &sessions, events)
-                    .await?
-                    .deliveries_per_sec
+                run_mode(
+                    &bench,
+                    Mode::Batch,
+                    &sessions,
+                    &round_robin(&sessions, events),
+                )
+                .await?
+                .deliveries_per_sec
             }
         };
         let per_event = opts.group_size.min(bench.users) as f64;
@@ -781,6 +877,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         batch_vs_floor: None,
         latency_at_half_peak,
         sweep,
+        mix,
         storm,
         priority,
         tls,
@@ -802,13 +899,19 @@ async fn compare_tls(opts: &BenchOptions, users: usize) -> Result<TlsResult, Ben
     let sessions = bench.sessions(opts.group_size).await?;
     let secure_sessions = secure.sessions(opts.group_size).await?;
     let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
+    let (plain_events, secure_events) = (
+        round_robin(&sessions, events),
+        round_robin(&secure_sessions, events),
+    );
     // In the order plain, mTLS, mTLS, plain, so a drift over the run (the
     // machine warming, a neighbour's load) weighs on both sides alike; each
     // side reports the faster of its two runs.
-    let plain_first = run_mode(&bench, Mode::Batch, &sessions, events).await?;
-    let mtls_first = run_mode(&secure, Mode::Batch, &secure_sessions, events).await?;
-    let mtls_second = run_mode(&secure, Mode::Batch, &secure_sessions, events).await?;
-    let plain_second = run_mode(&bench, Mode::Batch, &sessions, events).await?;
+    let plain = |b| run_mode(b, Mode::Batch, &sessions, &plain_events);
+    let mtls = |b| run_mode(b, Mode::Batch, &secure_sessions, &secure_events);
+    let plain_first = plain(&bench).await?;
+    let mtls_first = mtls(&secure).await?;
+    let mtls_second = mtls(&secure).await?;
+    let plain_second = plain(&bench).await?;
     let faster = |a: ModeResult, b: ModeResult| {
         if a.deliveries_per_sec >= b.deliveries_per_sec {
             a
@@ -826,18 +929,80 @@ async fn compare_tls(opts: &BenchOptions, users: usize) -> Result<TlsResult, Ben
     })
 }
 
-/// Starts a mode, warms it up, measures `events` at saturation, stops it.
+/// Starts a mode, warms it up on `sessions`, measures `events` at
+/// saturation, stops it.
 async fn run_mode(
     bench: &Bench,
     mode: Mode,
     sessions: &[Session],
-    events: usize,
+    events: &[Session],
 ) -> Result<ModeResult, BenchError> {
     let driver = Driver::start(mode, bench).await?;
     bench.warm_up(&driver, sessions).await?;
-    let result = bench.measure(&driver, sessions, events, 0.0).await;
+    let result = bench.measure(&driver, events, 0.0).await;
     driver.stop().await?;
     result
+}
+
+/// Latency at half of `peak`'s event rate, for `seconds`, on the first
+/// events `workload` makes.
+async fn at_half_peak(
+    bench: &Bench,
+    driver: &Driver,
+    peak: &ModeResult,
+    seconds: f64,
+    workload: impl Fn(usize) -> Vec<Session>,
+) -> Result<LatencyResult, BenchError> {
+    let rate = peak.events_per_sec / 2.0;
+    let events = ((rate * seconds) as usize).max(SESSIONS_PER_SIZE);
+    let paced = bench.measure(driver, &workload(events), rate).await?;
+    Ok(LatencyResult {
+        group_size: peak.group_size,
+        peak_events_per_sec: peak.events_per_sec.round(),
+        events_per_sec: rate.round(),
+        deliveries: paced.deliveries,
+        p50_ms: paced.p50_ms,
+        p99_ms: paced.p99_ms,
+    })
+}
+
+/// Every mode on the traffic mix, at saturation, then the batch mode at
+/// half of its peak.
+async fn run_mix(
+    bench: &mut Bench,
+    spec: &MixSpec,
+    deliveries: u64,
+    latency_seconds: f64,
+) -> Result<mix::MixResult, BenchError> {
+    let bands = bench.mix_sessions(spec).await?;
+    let all: Vec<Session> = bands.iter().flatten().cloned().collect();
+    let probe = mix::sequence(spec, &bands, 10_000);
+    let mean = mix::mean_size(&probe);
+    let count = |budget: u64| ((budget as f64 / mean) as usize).max(100);
+    let full = mix::sequence(spec, &bands, count(deliveries));
+    let serial_events = &full[..count(deliveries / 10).min(full.len())];
+    let serial = run_mode(bench, Mode::Serial, &all, serial_events).await?;
+    let floor_js = run_mode(bench, Mode::FloorJs, &all, &full).await?;
+    let floor = run_mode(bench, Mode::Floor, &all, &full).await?;
+    let driver = Driver::start(Mode::Batch, bench).await?;
+    bench.warm_up(&driver, &all).await?;
+    let batch = bench.measure(&driver, &full, 0.0).await?;
+    let latency = at_half_peak(bench, &driver, &batch, latency_seconds, |n| {
+        mix::sequence(spec, &bands, n)
+    })
+    .await?;
+    driver.stop().await?;
+    Ok(mix::MixResult {
+        spec: spec.to_string(),
+        mean_group_size: round(mean, 1),
+        batch_vs_serial: round(batch.events_per_sec / serial.events_per_sec.max(1e-9), 2),
+        batch_vs_floor: round(batch.events_per_sec / floor.events_per_sec.max(1e-9), 2),
+        serial,
+        batch,
+        floor_js,
+        floor,
+        latency_at_half_peak: latency,
+    })
 }
 
 fn write_sweep(dir: &std::path::Path, points: &[plot::SweepPoint]) -> Result<(), BenchError> {
