@@ -667,9 +667,7 @@ impl Dispatcher {
             report: answered,
             unrecorded,
         } = answered;
-        report.delivered += answered.delivered;
-        report.offline.extend(answered.offline);
-        report.failed.extend(answered.failed);
+        report.absorb_answers(answered);
         report.progress_written = !defer;
         if !report.failed.is_empty() && !unrecorded.is_empty() {
             let reached: Vec<&str> = unrecorded.iter().map(String::as_str).collect();
@@ -808,9 +806,7 @@ struct Answered {
 
 impl Answered {
     fn absorb(&mut self, chunk: Answered) {
-        self.report.delivered += chunk.report.delivered;
-        self.report.offline.extend(chunk.report.offline);
-        self.report.failed.extend(chunk.report.failed);
+        self.report.absorb_answers(chunk.report);
         self.unrecorded.extend(chunk.unrecorded);
     }
 }
@@ -853,6 +849,13 @@ impl Targets {
 }
 
 impl FanoutReport {
+    /// Folds in what gateways answered for some of this report's chunks.
+    fn absorb_answers(&mut self, answered: FanoutReport) {
+        self.delivered += answered.delivered;
+        self.offline.extend(answered.offline);
+        self.failed.extend(answered.failed);
+    }
+
     /// Folds in one answered chunk.
     fn absorb_reply(&mut self, gateway_id: &str, reply: PushReply) {
         let (mut delivered, mut offline, mut failed) = (0, 0, 0);
