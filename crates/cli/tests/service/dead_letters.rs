@@ -246,3 +246,47 @@ async fn a_replayed_partial_event_pushes_only_the_rest() {
     g1.stop().await;
     g2.stop().await;
 }
+
+/// A session wider than one window, read cold, is pushed as it is read,
+/// so its size is counted first: over `limits.max_members` it is
+/// dead-lettered having pushed nobody; at the limit every member gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wide_session_read_cold_is_counted_before_anything_is_pushed() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    let g1 = stack.gateway("gateway-001", &names).await;
+    stack.session(&store, "wide", &names[..6]).await;
+    stack.session(&store, "wider", &names).await;
+    let mut config = stack.config();
+    config.limits.max_members = 6;
+    // Windows of two members: both sessions are read as a stream.
+    config.dispatch.route_chunk_size = 2;
+    config.dispatch.route_concurrency = 1;
+    config.dispatch.batch_size = 2;
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "wide", "u0")).await;
+    publish(&nats, &config.consumer.topic, &event(2, "wider", "u0")).await;
+    wait_settled(&nats, &config).await;
+
+    let js = jetstream::new(nats.clone());
+    let letters = dlq::list(&js, &config.consumer).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].msg_id, Some(2), "{letters:?}");
+    assert!(
+        letters[0].reason.contains("limits.max_members"),
+        "{letters:?}"
+    );
+    for user in &users {
+        let within = usize::from(names[..6].contains(&user.as_str())) as u32;
+        assert_eq!(g1.ledger.count(user, 1), within, "{user}, msg 1");
+        assert_eq!(
+            g1.ledger.count(user, 2),
+            0,
+            "{user}: msg 2 pushed to nobody"
+        );
+    }
+    pod.stop().await;
+    g1.stop().await;
+}

@@ -865,3 +865,73 @@ async fn events_wider_than_the_stream_window_are_all_delivered() {
         g.stop().await;
     }
 }
+
+/// A large session read cold is pushed window by window while SQL is still
+/// sending it. The session's table is a view whose 4,001st row waits on an
+/// advisory lock the test holds: the first window (2,000 members at the
+/// shipped chunk sizes) must reach the gateway while the read is held, and
+/// once the lock goes every member gets the event exactly once. Read whole
+/// before pushing, nobody would be pushed while the lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_session_read_cold_is_pushed_while_sql_still_sends_it() {
+    const MEMBERS: usize = 5_000;
+    const HELD_AT: usize = 4_001;
+    let stack = Stack::with_db(TestDb::postgres().await).await;
+    let store = stack.db.member_store().await;
+    let users: Vec<String> = (1..=MEMBERS).map(|i| format!("u{i:06}")).collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    let g1 = stack.gateway("gateway-001", &names).await;
+    stack.session(&store, "big", &names).await;
+
+    let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&stack.db.url)
+        .await
+        .unwrap();
+    // The view's username column runs `gate` on one row; a count of the
+    // session does not read the column, so it is not held.
+    let held = format!("u{HELD_AT:06}");
+    for ddl in [
+        "ALTER TABLE t_session_member RENAME TO member_rows".to_string(),
+        "CREATE FUNCTION gate(name text) RETURNS text LANGUAGE plpgsql STABLE AS $$ \
+         BEGIN PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
+         RETURN name; END $$"
+            .to_string(),
+        format!(
+            "CREATE VIEW t_session_member AS SELECT session_id, \
+             CASE WHEN username = '{held}' THEN gate(username) ELSE username END AS username, \
+             role, last_read_seq FROM member_rows"
+        ),
+        "SELECT pg_advisory_lock(4242)".to_string(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    let config = stack.config();
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "big", "u000001")).await;
+    let reached = || g1.ledger.deliveries().len();
+    eventually("the first window pushed while the read is held", || async {
+        reached() >= 2_000
+    })
+    .await;
+    assert!(
+        reached() < HELD_AT,
+        "nobody past the held row can have been read yet: {}",
+        reached()
+    );
+    sqlx::raw_sql("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    eventually("every member reached", || async { reached() == MEMBERS }).await;
+    wait_settled(&nats, &config).await;
+    for user in &users {
+        assert_eq!(g1.ledger.count(user, 1), 1, "{user} pushed once");
+    }
+    pod.stop().await;
+    g1.stop().await;
+    drop(admin);
+    stack.db.drop_database().await;
+}

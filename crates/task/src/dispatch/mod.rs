@@ -8,7 +8,7 @@ pub mod offline;
 pub mod order;
 pub mod plan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use std::sync::Arc;
@@ -22,7 +22,10 @@ use crate::config::{DispatchConfig, LimitsConfig};
 use crate::gateway::{FailureKind, GatewayPool, PendingReply, PushFailure, PushOutcome, PushReply};
 use crate::proto::{PushEvent, PushMessage};
 use crate::registry::GatewayRegistry;
-use crate::store::{MemberError, MemberStore, Progress, ProgressStore, RedisError, RouteStore};
+use crate::store::{
+    MemberError, MemberStore, MemberStream, Members, Progress, ProgressStore, RedisError,
+    RouteStore,
+};
 use crate::telemetry;
 use offline::OfflineDelivery;
 pub use order::{SessionOrder, Turn};
@@ -349,9 +352,11 @@ impl Dispatcher {
         }
     }
 
-    /// Fans one event out to its session's members. `Err` means nothing was
-    /// pushed (the event failed before any gateway was contacted); `Ok`
-    /// reports every recipient. `token` names this handling in the event's
+    /// Fans one event out to its session's members. `Err` means the event
+    /// as a whole is to be tried again: nothing was pushed, or (a large
+    /// session read from SQL as it was pushed, whose read or route lookup
+    /// broke mid-way) what was pushed is recorded as reached, so the next
+    /// attempt pushes only the rest. `Ok` reports every recipient. `token` names this handling in the event's
     /// claim; call [`Dispatcher::finish`] with it afterwards. The event's
     /// trace context, if any, becomes the parent of the dispatch span.
     /// `turn` is the event's place in its session's order: its pushes are
@@ -387,42 +392,54 @@ impl Dispatcher {
     ) -> Result<FanoutReport, DispatchError> {
         validate(event, &self.limits)?;
         let (members, progress, first) = self.claim_and_look_up(event, token).await?;
-        tracing::Span::current().record("members", members.len());
+        let member_count = members.len();
+        tracing::Span::current().record("members", member_count);
         if progress.settled || progress.busy {
             return Ok(FanoutReport {
-                members: members.len(),
+                members: member_count,
                 duplicate: progress.settled,
                 busy: !progress.settled,
                 busy_for: progress.busy_for,
                 ..Default::default()
             });
         }
-        let member_count = members.len();
+        let reached_before = !progress.delivered.is_empty();
         let mut prefetched = None;
-        let (picked, already_delivered) = match first {
-            // Nobody reached yet: the recipients the routes were read for.
-            Some(first) if progress.delivered.is_empty() => {
-                prefetched = Some(first.routes);
-                (first.picked, 0)
+        let targets = match members {
+            Looked::Whole(names) => {
+                let (picked, already) = match first {
+                    // Nobody reached yet: the recipients the routes were read for.
+                    Some(first) if !reached_before => {
+                        prefetched = Some(first.routes);
+                        (first.picked, 0)
+                    }
+                    _ => plan::recipients(
+                        &names,
+                        &event.from_username,
+                        self.cfg.push_to_sender,
+                        &progress.delivered,
+                    ),
+                };
+                count_deliveries("deduplicated", NO_GATEWAY, already);
+                Targets::Picked {
+                    names,
+                    picked,
+                    next: 0,
+                    already,
+                }
             }
-            _ => plan::recipients(
-                &members,
-                &event.from_username,
-                self.cfg.push_to_sender,
-                &progress.delivered,
-            ),
-        };
-        count_deliveries("deduplicated", NO_GATEWAY, already_delivered);
-        let targets = Targets {
-            names: members,
-            picked,
+            Looked::Streaming { stream, .. } => Targets::Streamed(Streamed {
+                stream,
+                sender: (!self.cfg.push_to_sender).then(|| event.from_username.clone()),
+                reached: progress.delivered,
+                already: 0,
+            }),
         };
         let mut report = self
             .fan_out(event, targets, prefetched, member_count, turn)
             .await?;
         report.members = member_count;
-        report.already_delivered = already_delivered;
-        report.progress_written |= !progress.delivered.is_empty();
+        report.progress_written |= reached_before;
         Ok(report)
     }
 
@@ -457,26 +474,40 @@ impl Dispatcher {
     /// The session's members and the event's claim. When the members are
     /// cached, the routes of the first window of recipients are read in
     /// the claim's round trip (one round trip before the push); otherwise
-    /// SQL and the claim run side by side and routes are read after.
+    /// SQL and the claim run side by side and routes are read after. A
+    /// session read cold that is wider than one window comes back while
+    /// SQL is still sending it, its size counted first so a session over
+    /// `limits.max_members` pushes nothing.
     async fn claim_and_look_up(
         &self,
         event: &PushEvent,
         token: &str,
-    ) -> Result<(Arc<Vec<String>>, Progress, Option<FirstWindow>), DispatchError> {
+    ) -> Result<(Looked, Progress, Option<FirstWindow>), DispatchError> {
         let cached = match &self.progress {
             Some(_) => self.members.cached(&event.session_id).await,
             None => None,
         };
         let (Some(members), Some(progress)) = (cached, &self.progress) else {
             let (members, progress) = tokio::join!(
-                self.members.shared(&event.session_id),
+                self.members.lookup(&event.session_id, self.window()),
                 self.claim(event.msg_id, token)
             );
-            let members = members?;
-            self.check_members(event, &members)?;
-            return Ok((members, progress?, None));
+            let looked = match members? {
+                Members::Whole(names) => {
+                    self.check_members(event, names.len())?;
+                    Looked::Whole(names)
+                }
+                Members::Streaming(stream) => {
+                    let size = stream
+                        .count(self.limits.max_members.saturating_add(1))
+                        .await?;
+                    self.check_members(event, size)?;
+                    Looked::Streaming { stream, size }
+                }
+            };
+            return Ok((looked, progress?, None));
         };
-        self.check_members(event, &members)?;
+        self.check_members(event, members.len())?;
         let (picked, _) = plan::recipients(
             &members,
             &event.from_username,
@@ -493,7 +524,7 @@ impl Dispatcher {
             .gateway_ids_from(&first, answers)
             .map_err(DispatchError::Routes)?;
         Ok((
-            members,
+            Looked::Whole(members),
             progress,
             Some(FirstWindow {
                 picked,
@@ -502,8 +533,8 @@ impl Dispatcher {
         ))
     }
 
-    fn check_members(&self, event: &PushEvent, members: &[String]) -> Result<(), DispatchError> {
-        if members.len() > self.limits.max_members {
+    fn check_members(&self, event: &PushEvent, members: usize) -> Result<(), DispatchError> {
+        if members > self.limits.max_members {
             return Err(over(
                 "max_members",
                 format!(
@@ -648,7 +679,7 @@ impl Dispatcher {
     ) -> Result<FanoutReport, DispatchError> {
         let started = Instant::now();
         let message = gateway_message(event);
-        let defer = targets.picked.len() <= DEFERRED_RECORDING;
+        let defer = targets.defers_recording();
         // Queuing (windows in order) and settling (answers as they come,
         // recording progress) run side by side, so answered chunks give
         // their window share back and free their names while later chunks
@@ -657,7 +688,7 @@ impl Dispatcher {
         let (queued, answered) = tokio::join!(
             // The sender moves into the closure, so the channel closes when
             // queuing is done.
-            self.queue_windows(&message, &targets, prefetched, turn, move |c| {
+            self.queue_windows(&message, targets, prefetched, turn, move |c| {
                 let _ = queued_tx.send(c);
             }),
             self.collect_answers(event.msg_id, queued_rx, defer)
@@ -699,7 +730,7 @@ impl Dispatcher {
     async fn queue_windows(
         &self,
         message: &PushMessage,
-        targets: &Targets,
+        mut targets: Targets,
         mut prefetched: Option<Prefetched>,
         mut turn: Turn,
         queued: impl Fn(QueuedChunk) + Sync,
@@ -708,16 +739,26 @@ impl Dispatcher {
         let mut report = FanoutReport::default();
         let mut gateways = std::collections::HashSet::new();
         let mut queued_any = false;
-        let mut windows = targets.picked.chunks(self.window());
-        while let Some(indices) = windows.next() {
+        let window = self.window();
+        loop {
             let (names, looked_up) = match prefetched.take() {
                 // The first window's routes came with the claim.
-                Some((names, routes)) => (names, Ok(routes)),
-                None => {
-                    let names = names_of(&targets.names, indices);
-                    let routes = self.routes.gateway_ids(&names).await;
-                    (names, routes)
+                Some((names, routes)) => {
+                    targets.skip_window(window);
+                    (names, Ok(routes))
                 }
+                None => match targets.next_window(window).await {
+                    None => break,
+                    Some(Ok(names)) if names.is_empty() => continue,
+                    Some(Ok(names)) => {
+                        let routes = self.routes.gateway_ids(&names).await;
+                        (names, routes)
+                    }
+                    // The answers to what was queued are still collected
+                    // and recorded, so trying the event again pushes only
+                    // the members not reached.
+                    Some(Err(e)) => return Err(e.into()),
+                },
             };
             let routes = match looked_up {
                 Ok(routes) => routes,
@@ -725,17 +766,18 @@ impl Dispatcher {
                 Err(e) if !queued_any => return Err(DispatchError::Routes(e)),
                 // Earlier windows are out: these and the rest fail, and
                 // only they are retried.
-                Err(e) => {
-                    let failure = PushFailure::new(FailureKind::Lookup, NO_GATEWAY, &e);
-                    let rest = windows.by_ref().flatten();
-                    report.failed.extend(
-                        names
-                            .into_iter()
-                            .chain(rest.map(|&i| targets.names[i as usize].clone()))
-                            .map(|u| (u, failure.clone())),
-                    );
-                    break;
-                }
+                Err(e) => match targets.rest() {
+                    Some(rest) => {
+                        let failure = PushFailure::new(FailureKind::Lookup, NO_GATEWAY, &e);
+                        report
+                            .failed
+                            .extend(names.into_iter().chain(rest).map(|u| (u, failure.clone())));
+                        break;
+                    }
+                    // The rest is not read yet: the event is tried again
+                    // as a whole, past those already reached.
+                    None => return Err(DispatchError::Routes(e)),
+                },
             };
             let plan = plan::plan(names, routes, &self.registry.snapshot());
             for (user, reason) in &plan.offline {
@@ -762,6 +804,7 @@ impl Dispatcher {
         }
         turn.release();
         report.gateways = gateways.len();
+        report.already_delivered = targets.already_delivered();
         Ok(report)
     }
 
@@ -831,19 +874,133 @@ fn names_of(names: &[String], indices: &[u32]) -> Vec<String> {
 /// reply to come.
 type QueuedChunk = (String, Instant, PendingReply);
 
-/// Whom to push to: some of a shared list of names, by index, so a large
-/// session's member list is not copied per event.
-struct Targets {
-    names: Arc<Vec<String>>,
-    picked: Vec<u32>,
+/// A session's members as the claim found them.
+enum Looked {
+    Whole(Arc<Vec<String>>),
+    /// Still being read; `size` counted by SQL.
+    Streaming {
+        stream: Box<MemberStream>,
+        size: usize,
+    },
+}
+
+impl Looked {
+    fn len(&self) -> usize {
+        match self {
+            Self::Whole(names) => names.len(),
+            Self::Streaming { size, .. } => *size,
+        }
+    }
+}
+
+/// Whom to push to.
+enum Targets {
+    /// Some of a shared list of names, by index, so a large session's
+    /// member list is not copied per event; those before `next` are
+    /// handed out, `already` were reached before.
+    Picked {
+        names: Arc<Vec<String>>,
+        picked: Vec<u32>,
+        next: usize,
+        already: usize,
+    },
+    /// A session still being read from SQL: each window is planned as its
+    /// rows arrive.
+    Streamed(Streamed),
+}
+
+/// A streamed session's recipients: its members without the sender (when
+/// `sender` is set) and without those reached before.
+struct Streamed {
+    stream: Box<MemberStream>,
+    sender: Option<String>,
+    reached: HashSet<String>,
+    already: usize,
 }
 
 impl Targets {
     fn all(names: Vec<String>) -> Self {
         let picked = (0..names.len() as u32).collect();
-        Self {
+        Self::Picked {
             names: Arc::new(names),
             picked,
+            next: 0,
+            already: 0,
+        }
+    }
+
+    /// Whether whom the event reaches is recorded at its end only: a small
+    /// event's (see `DEFERRED_RECORDING`); a streamed session is wider
+    /// than one window.
+    fn defers_recording(&self) -> bool {
+        match self {
+            Self::Picked { picked, .. } => picked.len() <= DEFERRED_RECORDING,
+            Self::Streamed(_) => false,
+        }
+    }
+
+    /// The next `window` recipients; `None` when there are no more.
+    async fn next_window(&mut self, window: usize) -> Option<Result<Vec<String>, MemberError>> {
+        match self {
+            Self::Picked {
+                names,
+                picked,
+                next,
+                ..
+            } => {
+                let taken = picked
+                    .get(*next..)?
+                    .get(..window.min(picked.len() - *next))?;
+                *next += taken.len();
+                (!taken.is_empty()).then(|| Ok(names_of(names, taken)))
+            }
+            Self::Streamed(s) => {
+                let mut names = match s.stream.next_window(window).await? {
+                    Ok(names) => names,
+                    Err(e) => return Some(Err(e)),
+                };
+                let before = names.len();
+                names.retain(|m| s.sender.as_deref() != Some(m.as_str()));
+                let sent_by = before - names.len();
+                names.retain(|m| !s.reached.contains(m));
+                let already = before - sent_by - names.len();
+                s.already += already;
+                count_deliveries("deduplicated", NO_GATEWAY, already);
+                Some(Ok(names))
+            }
+        }
+    }
+
+    /// Passes over the next window, whose names were read ahead.
+    fn skip_window(&mut self, window: usize) {
+        if let Self::Picked { picked, next, .. } = self {
+            *next = picked.len().min(*next + window);
+        }
+    }
+
+    /// Every recipient not handed out yet, when they are known (`None` for
+    /// a session still being read).
+    fn rest(&mut self) -> Option<Vec<String>> {
+        match self {
+            Self::Picked {
+                names,
+                picked,
+                next,
+                ..
+            } => {
+                let rest = names_of(names, &picked[*next..]);
+                *next = picked.len();
+                Some(rest)
+            }
+            Self::Streamed(_) => None,
+        }
+    }
+
+    /// Recipients an earlier attempt reached, left out.
+    fn already_delivered(&self) -> usize {
+        match self {
+            Self::Picked { already, .. } => *already,
+            Self::Streamed(s) => s.already,
         }
     }
 }

@@ -8,9 +8,16 @@
 //! done; a session with steady traffic is thus never read on the hot path
 //! after its first event. A membership-change message drops the entry at
 //! once, and a re-read that started before the drop is thrown away.
+//!
+//! A session read cold is read once however many events ask for it at the
+//! same time, and its rows are handed out window by window as they arrive
+//! ([`Members::Streaming`]): an event to a 100,000-member group pushes its
+//! first window while SQL is still sending the rest, instead of waiting for
+//! the whole list. The finished list goes into the cache.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr, SqlStr};
@@ -52,7 +59,11 @@ pub struct MemberStore {
     pool: AnyPool,
     dialect: Dialect,
     select_members: SqlStr,
+    count_members: SqlStr,
     cache: Option<MemberCache>,
+    /// Cold reads under way, by session: a lookup that misses the cache
+    /// joins the read already running for its session.
+    loads: Arc<Mutex<HashMap<String, Arc<Loading>>>>,
     /// Rows read per session at most: one more than `limits.max_members`,
     /// so a group over the limit is seen without being read whole.
     max_rows: usize,
@@ -105,20 +116,206 @@ impl MemberCache {
     }
 }
 
-/// Each name once, first occurrence kept (the primary key makes repeats
-/// rare; deduplicating here, once per load, spares every event the work).
-fn unique(members: Vec<String>) -> Vec<String> {
-    let first: Vec<bool> = {
-        let mut seen = std::collections::HashSet::with_capacity(members.len());
-        members.iter().map(|m| seen.insert(m.as_str())).collect()
-    };
-    if first.iter().all(|f| *f) {
-        return members;
+/// Names a read hands on at a time.
+const READ_BATCH: usize = 256;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Drops `session_id`'s cache entry if it is still `entry`.
+async fn drop_entry_if(cache: &MemberCache, session_id: &str, entry: &Arc<Cached>) {
+    cache
+        .entries
+        .entry(session_id.to_string())
+        .and_compute_with(|current| {
+            std::future::ready(match current {
+                Some(c) if Arc::ptr_eq(c.value(), entry) => moka::ops::compute::Op::Remove,
+                _ => moka::ops::compute::Op::Nop,
+            })
+        })
+        .await;
+}
+
+/// A session's members, as [`MemberStore::lookup`] finds them.
+pub enum Members {
+    /// Every member: cached, or read whole before the first window filled.
+    Whole(Arc<Vec<String>>),
+    /// A session wider than one window, still being read from SQL.
+    Streaming(Box<MemberStream>),
+}
+
+/// One cold read of a session, shared by every lookup that joins it.
+struct Loading {
+    state: Mutex<LoadState>,
+    /// Bumped whenever rows arrive or the read ends.
+    changed: tokio::sync::watch::Sender<()>,
+    /// The session was dropped from the cache while being read: the
+    /// result is handed out but not cached.
+    stale: AtomicBool,
+    /// The session's size, counted once for every event reading it.
+    size: tokio::sync::OnceCell<Result<usize, Arc<MemberError>>>,
+}
+
+enum LoadState {
+    Reading(Vec<String>),
+    Done(Arc<Vec<String>>),
+    Failed(Arc<MemberError>),
+}
+
+impl Loading {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(LoadState::Reading(Vec::new())),
+            changed: tokio::sync::watch::Sender::new(()),
+            stale: AtomicBool::new(false),
+            size: tokio::sync::OnceCell::new(),
+        }
     }
-    let mut keep = first.into_iter();
-    let mut members = members;
-    members.retain(|_| keep.next().unwrap_or(false));
-    members
+
+    fn append(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        if let LoadState::Reading(read) = &mut *lock(&self.state) {
+            read.extend(names);
+        }
+        self.changed.send_replace(());
+    }
+
+    fn finish(&self) -> Arc<Vec<String>> {
+        let all = {
+            let mut state = lock(&self.state);
+            let all = match &mut *state {
+                LoadState::Reading(read) => Arc::new(std::mem::take(read)),
+                LoadState::Done(all) => all.clone(),
+                LoadState::Failed(_) => Arc::default(),
+            };
+            *state = LoadState::Done(all.clone());
+            all
+        };
+        self.changed.send_replace(());
+        all
+    }
+
+    fn fail(&self, error: MemberError) -> Arc<MemberError> {
+        let error = Arc::new(error);
+        *lock(&self.state) = LoadState::Failed(error.clone());
+        self.changed.send_replace(());
+        error
+    }
+}
+
+/// A session's members handed out window by window while SQL still sends
+/// them; every window is each name once, in the order read.
+pub struct MemberStream {
+    load: Arc<Loading>,
+    changes: tokio::sync::watch::Receiver<()>,
+    store: MemberStore,
+    session_id: String,
+    /// Members handed out so far.
+    next: usize,
+}
+
+/// What a stream can see of its read.
+enum Seen {
+    /// The rows asked for.
+    Rows(Vec<String>),
+    /// Fewer than wanted so far; more to come.
+    Waiting,
+    /// Every member, read to the end.
+    All(Arc<Vec<String>>),
+}
+
+impl MemberStream {
+    fn new(load: Arc<Loading>, store: MemberStore, session_id: &str) -> Self {
+        let mut changes = load.changed.subscribe();
+        changes.mark_changed();
+        Self {
+            load,
+            changes,
+            store,
+            session_id: session_id.to_string(),
+            next: 0,
+        }
+    }
+
+    fn look(&self, from: usize, to: usize) -> Result<Seen, MemberError> {
+        match &*lock(&self.load.state) {
+            LoadState::Reading(read) if read.len() >= to => Ok(Seen::Rows(read[from..to].to_vec())),
+            LoadState::Reading(_) => Ok(Seen::Waiting),
+            LoadState::Done(all) => Ok(Seen::All(all.clone())),
+            LoadState::Failed(e) => Err(MemberError::Shared(e.clone())),
+        }
+    }
+
+    /// Waits until `rows` members are read or the read ends: the whole
+    /// list if it ended, `None` while it goes on.
+    async fn wait_for(&mut self, rows: usize) -> Result<Option<Arc<Vec<String>>>, MemberError> {
+        loop {
+            let _ = self.changes.changed().await;
+            match &*lock(&self.load.state) {
+                LoadState::Reading(read) if read.len() >= rows => return Ok(None),
+                LoadState::Reading(_) => {}
+                LoadState::Done(all) => return Ok(Some(all.clone())),
+                LoadState::Failed(e) => return Err(MemberError::Shared(e.clone())),
+            }
+        }
+    }
+
+    /// Waits for the read to end and returns every member.
+    async fn whole(mut self) -> Result<Arc<Vec<String>>, MemberError> {
+        loop {
+            if let Some(all) = self.wait_for(usize::MAX).await? {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// The next `n` members (fewer at the end), as soon as they are read;
+    /// `None` once every member was handed out.
+    pub async fn next_window(&mut self, n: usize) -> Option<Result<Vec<String>, MemberError>> {
+        let (from, to) = (self.next, self.next.saturating_add(n.max(1)));
+        loop {
+            let seen = match self.look(from, to) {
+                Ok(seen) => seen,
+                Err(e) => return Some(Err(e)),
+            };
+            let window = match seen {
+                Seen::Rows(rows) => rows,
+                Seen::All(all) if from >= all.len() => return None,
+                Seen::All(all) => all[from..to.min(all.len())].to_vec(),
+                Seen::Waiting => {
+                    let _ = self.changes.changed().await;
+                    continue;
+                }
+            };
+            self.next += window.len();
+            return Some(Ok(window));
+        }
+    }
+
+    /// Members handed out so far (every member once the stream ended).
+    pub fn handed_out(&self) -> usize {
+        self.next
+    }
+
+    /// The session's members counted up to `at_most` by one query shared
+    /// with every event reading this session now (a limit is checked
+    /// before anything is pushed, without waiting for the whole list).
+    pub async fn count(&self, at_most: usize) -> Result<usize, MemberError> {
+        self.load
+            .size
+            .get_or_init(|| async {
+                self.store
+                    .count(&self.session_id, at_most)
+                    .await
+                    .map_err(Arc::new)
+            })
+            .await
+            .clone()
+            .map_err(MemberError::Shared)
+    }
 }
 
 /// Rows per multi-row insert: below every dialect's bind-parameter limit.
@@ -132,11 +329,19 @@ impl MemberStore {
             dialect.placeholder(1)
         ))
         .into_sql_str();
+        let count_members = AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM t_session_member WHERE session_id = {} LIMIT {}) AS m",
+            dialect.placeholder(1),
+            dialect.placeholder(2)
+        ))
+        .into_sql_str();
         Self {
             pool,
             dialect,
             select_members,
+            count_members,
             cache: None,
+            loads: Arc::default(),
             max_rows: usize::MAX,
         }
     }
@@ -182,6 +387,10 @@ impl MemberStore {
     /// Forgets the cached members of `session_id`, so the next event reads
     /// them from SQL. Returns whether a cache is in use.
     pub async fn invalidate(&self, session_id: &str) -> bool {
+        let load = lock(&self.loads).remove(session_id);
+        if let Some(load) = load {
+            load.stale.store(true, Ordering::Release);
+        }
         match &self.cache {
             Some(cache) => {
                 cache.entries.invalidate(session_id).await;
@@ -202,21 +411,88 @@ impl MemberStore {
         if let Some(hit) = self.cached(session_id).await {
             return Ok(hit);
         }
-        let Some(cache) = &self.cache else {
-            return Ok(Arc::new(self.query_members(session_id).await?));
+        self.load(session_id).whole().await
+    }
+
+    /// The members of `session_id`: from the cache, or read from SQL. A
+    /// session read cold that turns out wider than `window` members comes
+    /// back as a stream as soon as its first window is in, and the rest
+    /// arrives while the caller works through it.
+    pub async fn lookup(&self, session_id: &str, window: usize) -> Result<Members, MemberError> {
+        if let Some(hit) = self.cached(session_id).await {
+            return Ok(Members::Whole(hit));
+        }
+        let mut stream = self.load(session_id);
+        match stream.wait_for(window.saturating_add(1)).await? {
+            Some(all) => Ok(Members::Whole(all)),
+            None => Ok(Members::Streaming(Box::new(stream))),
+        }
+    }
+
+    /// Joins the read of `session_id` under way, or starts one.
+    fn load(&self, session_id: &str) -> MemberStream {
+        let mut loads = lock(&self.loads);
+        if let Some(load) = loads.get(session_id) {
+            return MemberStream::new(load.clone(), self.clone(), session_id);
+        }
+        let load = Arc::new(Loading::new());
+        loads.insert(session_id.to_string(), load.clone());
+        drop(loads);
+        // A task of its own: the read finishes and fills the cache even if
+        // the event that started it is dropped.
+        tokio::spawn(
+            self.clone()
+                .read_into_cache(session_id.to_string(), load.clone()),
+        );
+        MemberStream::new(load, self.clone(), session_id)
+    }
+
+    /// Reads `session_id` into `load` batch by batch, then caches the whole
+    /// list unless the session was dropped from the cache meanwhile.
+    async fn read_into_cache(self, session_id: String, load: Arc<Loading>) {
+        let read = self
+            .read_rows(&session_id, |batch| load.append(batch))
+            .await;
+        let outcome = match read {
+            Ok(()) => {
+                let all = load.finish();
+                self.cache_loaded(&session_id, &load, all).await;
+                Ok(())
+            }
+            Err(e) => Err(load.fail(e)),
         };
-        // Concurrent misses for one session share a single query: a burst
-        // of events to a large group reads its members once.
+        {
+            let mut loads = lock(&self.loads);
+            if loads
+                .get(&session_id)
+                .is_some_and(|l| Arc::ptr_eq(l, &load))
+            {
+                loads.remove(&session_id);
+            }
+        }
+        if let Err(e) = outcome {
+            tracing::debug!(%session_id, error = %e, "reading members failed");
+        }
+    }
+
+    /// Puts a finished read in the cache; if the session was dropped while
+    /// it was read, the entry is taken out again (only this one: a newer
+    /// read may have replaced it).
+    async fn cache_loaded(&self, session_id: &str, load: &Loading, all: Arc<Vec<String>>) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        if load.stale.load(Ordering::Acquire) {
+            return;
+        }
+        let entry = Cached::new(all);
         cache
             .entries
-            .try_get_with(session_id.to_string(), async {
-                self.query_members(session_id)
-                    .await
-                    .map(|m| Cached::new(Arc::new(m)))
-            })
-            .await
-            .map(|c| c.members.clone())
-            .map_err(MemberError::Shared)
+            .insert(session_id.to_string(), entry.clone())
+            .await;
+        if load.stale.load(Ordering::Acquire) {
+            drop_entry_if(cache, session_id, &entry).await;
+        }
     }
 
     /// The cached members of `session_id`, if the cache holds them (no
@@ -244,8 +520,12 @@ impl MemberStore {
         let Some(cache) = &self.cache else {
             return;
         };
-        let members = match self.query_members(&session_id).await {
-            Ok(m) => Arc::new(m),
+        let mut read = Vec::new();
+        let members = match self
+            .read_rows(&session_id, |batch| read.extend(batch))
+            .await
+        {
+            Ok(()) => Arc::new(read),
             Err(e) => {
                 tracing::debug!(%session_id, error = %e, "background re-read of members failed; the entry stays until its TTL");
                 old.refreshing.store(false, Ordering::Release);
@@ -274,25 +554,61 @@ impl MemberStore {
             .increment(1);
     }
 
-    async fn query_members(&self, session_id: &str) -> Result<Vec<String>, MemberError> {
+    /// Reads the members of `session_id`, at most `max_rows`, each name
+    /// once (first occurrence kept; the primary key makes repeats rare),
+    /// handing them to `batch` a few hundred at a time as they arrive.
+    /// Rows are streamed and only the name kept, so a large group is never
+    /// held as rows.
+    async fn read_rows(
+        &self,
+        session_id: &str,
+        mut batch: impl FnMut(Vec<String>),
+    ) -> Result<(), MemberError> {
         use futures::TryStreamExt;
         let err = |cause| MemberError::Query {
             session_id: session_id.to_string(),
             cause,
         };
-        // Rows are streamed and only the name kept, so a large group never
-        // has all its rows in memory at once.
         let mut rows = sqlx::query(self.select_members.clone())
             .bind(session_id)
             .fetch(&self.pool);
-        let mut members = Vec::new();
+        let mut seen = HashSet::new();
+        let mut pending = Vec::with_capacity(READ_BATCH);
         while let Some(row) = rows.try_next().await.map_err(err)? {
-            members.push(row.try_get::<String, _>(0).map_err(err)?);
-            if members.len() >= self.max_rows {
+            let name = row.try_get::<String, _>(0).map_err(err)?;
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            pending.push(name);
+            if seen.len() >= self.max_rows {
                 break;
             }
+            if pending.len() == READ_BATCH {
+                batch(std::mem::replace(
+                    &mut pending,
+                    Vec::with_capacity(READ_BATCH),
+                ));
+            }
         }
-        Ok(unique(members))
+        batch(pending);
+        Ok(())
+    }
+
+    /// Members of `session_id`, counted up to `at_most` (one query that
+    /// stops there).
+    async fn count(&self, session_id: &str, at_most: usize) -> Result<usize, MemberError> {
+        let err = |cause| MemberError::Query {
+            session_id: session_id.to_string(),
+            cause,
+        };
+        let row = sqlx::query(self.count_members.clone())
+            .bind(session_id)
+            .bind(i64::try_from(at_most).unwrap_or(i64::MAX))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err)?;
+        let n = row.try_get::<i64, _>(0).map_err(err)?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// Creates the session and adds its members; existing rows are kept.
@@ -354,13 +670,32 @@ impl MemberStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn repeated_members_are_kept_once_in_order() {
-        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    #[tokio::test]
+    async fn a_stream_hands_out_windows_as_rows_arrive() {
+        let load = Arc::new(Loading::new());
+        let names = |r: std::ops::Range<usize>| r.map(|i| format!("u{i}")).collect::<Vec<_>>();
+        load.append(names(0..3));
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect_lazy("sqlite::memory:").expect("lazy pool");
+        let store = MemberStore::new(pool, Dialect::Sqlite);
+        let mut stream = MemberStream::new(load.clone(), store, "s");
         assert_eq!(
-            unique(names(&["a", "b", "a", "c", "b"])),
-            names(&["a", "b", "c"])
+            stream.wait_for(2).await.unwrap(),
+            None,
+            "3 rows, still reading"
         );
-        assert_eq!(unique(names(&["a", "b"])), names(&["a", "b"]));
+        assert_eq!(stream.next_window(2).await.unwrap().unwrap(), names(0..2));
+        let later = {
+            let load = load.clone();
+            tokio::spawn(async move {
+                load.append(names(3..5));
+                load.finish();
+            })
+        };
+        assert_eq!(stream.next_window(2).await.unwrap().unwrap(), names(2..4));
+        later.await.unwrap();
+        assert_eq!(stream.next_window(2).await.unwrap().unwrap(), names(4..5));
+        assert!(stream.next_window(2).await.is_none(), "all handed out");
+        assert_eq!(stream.handed_out(), 5);
     }
 }

@@ -15,7 +15,7 @@ mod redis;
 mod routes;
 
 pub use database::{DatabaseError, Dialect, connect_database, migrate, watch_reachability};
-pub use members::{MemberError, MemberStore, SessionSeed};
+pub use members::{MemberError, MemberStore, MemberStream, Members, SessionSeed};
 pub use membership::follow_changes as follow_membership_changes;
 pub use offline::{OfflineStore, Parked, notice_key, offline_key};
 pub use progress::{Progress, ProgressStore, delivered_key, lease_key, settled_key};
