@@ -184,8 +184,11 @@ async fn run_dlq(command: DlqCommand, config: Config) -> Result<()> {
     };
     match command {
         DlqCommand::List { json, notices } => {
-            let letters = dlq::list(&js, &which(notices)).await?;
-            if json {
+            let consumer = which(notices);
+            let letters = dlq::list(&js, &consumer).await?;
+            if letters.is_empty() && !json {
+                println!("no dead letters in {}", consumer.dead_letter_stream);
+            } else if json {
                 for l in &letters {
                     println!("{}", serde_json::to_string(l)?);
                 }
@@ -206,6 +209,13 @@ async fn run_dlq(command: DlqCommand, config: Config) -> Result<()> {
                 (false, true) => bail!("say which dead letters: --all or --seq N"),
             };
             let replayed = dlq::replay(&js, &consumer, &selection, keep).await?;
+            if replayed.is_empty() {
+                println!(
+                    "no dead letters in {}: nothing replayed",
+                    consumer.dead_letter_stream
+                );
+                return Ok(());
+            }
             println!(
                 "replayed {} dead letters to {}",
                 replayed.len(),
@@ -221,7 +231,12 @@ async fn run_offline(command: OfflineCommand, config: Config) -> Result<()> {
     let store = OfflineStore::new(redis, config.offline.max_messages, config.offline.ttl);
     match command {
         OfflineCommand::Pull { user, max } => {
-            for m in store.pull(&user, max).await? {
+            let parked = store.pull(&user, max).await?;
+            if parked.is_empty() {
+                // Standard error: standard output carries JSON lines only.
+                eprintln!("no parked messages for {user}");
+            }
+            for m in parked {
                 let line = serde_json::json!({
                     "msg_id": m.msg_id,
                     "seq_id": m.seq_id,

@@ -290,3 +290,36 @@ async fn a_wide_session_read_cold_is_counted_before_anything_is_pushed() {
     pod.stop().await;
     g1.stop().await;
 }
+
+/// `dlq list` and `dlq replay --all` on a system that never dead-lettered
+/// anything (its dead-letter stream does not exist yet) say so and exit 0,
+/// for events and for notices alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_commands_on_a_fresh_system_say_there_is_nothing() {
+    let nats = resonance_testkit::servers::nats_server()
+        .await
+        .expect("nats-server starts");
+    for args in [
+        &["dlq", "list"][..],
+        &["dlq", "list", "--notices"],
+        &["dlq", "replay", "--all"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-task"))
+            .args(args)
+            .env(
+                "RESONANCE_TASK__NATS__URL",
+                format!("nats://127.0.0.1:{}", nats.port),
+            )
+            .env("RESONANCE_TASK__LOG__LEVEL", "warn")
+            .output()
+            .expect("the command runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("no dead letters"), "{args:?}: {stdout}");
+    }
+}

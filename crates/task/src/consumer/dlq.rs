@@ -66,21 +66,32 @@ pub struct DlqSummary {
     pub by_reason: BTreeMap<String, usize>,
 }
 
-async fn stream(js: &jetstream::Context, cfg: &ConsumerConfig) -> Result<Stream, DlqError> {
-    js.get_stream(&cfg.dead_letter_stream)
-        .await
-        .map_err(|e| DlqError::Stream {
+/// The dead-letter stream; `None` when it does not exist yet (nothing was
+/// ever dead-lettered: the consumer creates it with the first letter).
+async fn stream(js: &jetstream::Context, cfg: &ConsumerConfig) -> Result<Option<Stream>, DlqError> {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match js.get_stream(&cfg.dead_letter_stream).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
+            Ok(None)
+        }
+        Err(e) => Err(DlqError::Stream {
             stream: cfg.dead_letter_stream.clone(),
             cause: e.into(),
-        })
+        }),
+    }
 }
 
-/// Every dead letter still kept, oldest first.
+/// Every dead letter still kept, oldest first (none when the dead-letter
+/// stream does not exist yet).
 pub async fn list(
     js: &jetstream::Context,
     cfg: &ConsumerConfig,
 ) -> Result<Vec<DeadLetter>, DlqError> {
-    let mut stream = stream(js, cfg).await?;
+    let Some(mut stream) = stream(js, cfg).await? else {
+        return Ok(Vec::new());
+    };
     let state = stream
         .info()
         .await
@@ -156,7 +167,6 @@ pub async fn replay(
     keep: bool,
 ) -> Result<Vec<u64>, DlqError> {
     let letters = list(js, cfg).await?;
-    let stream = stream(js, cfg).await?;
     let chosen: Vec<&DeadLetter> = match selection {
         Selection::All => letters.iter().collect(),
         Selection::Sequences(seqs) => {
@@ -172,6 +182,13 @@ pub async fn replay(
         }
     };
     let mut replayed = Vec::with_capacity(chosen.len());
+    if chosen.is_empty() {
+        return Ok(replayed);
+    }
+    // The letters were read from it, so it exists unless deleted since.
+    let Some(stream) = stream(js, cfg).await? else {
+        return Ok(replayed);
+    };
     for letter in chosen {
         let err = |cause: crate::BoxError| DlqError::Replay {
             seq: letter.seq,
