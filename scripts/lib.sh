@@ -1,9 +1,10 @@
 # Shared by scripts/demo.sh, scripts/test.sh and .ci/run: makes sure the
 # servers and tools the project needs are installed. Sourced, not run.
 
-# Debian packages: the servers the demo and tests start privately, and protoc
-# for etcd-client's build script.
-RESONANCE_PACKAGES=(nats-server etcd-server redis-server protobuf-compiler)
+# Debian packages: the servers the demo and tests start privately, protoc
+# for etcd-client's build script, and promtool (with Prometheus) for the
+# alert rules' unit tests. The packaged services are never used.
+RESONANCE_PACKAGES=(nats-server etcd-server redis-server protobuf-compiler prometheus)
 
 resonance_missing_packages() {
   local missing=()
@@ -11,6 +12,7 @@ resonance_missing_packages() {
   command -v etcd >/dev/null || missing+=(etcd-server)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v protoc >/dev/null || missing+=(protobuf-compiler)
+  command -v promtool >/dev/null || missing+=(prometheus)
   echo "${missing[@]}"
 }
 

@@ -277,6 +277,38 @@ fn alert_rules_and_dashboard_use_metrics_that_exist() {
     }
 }
 
+/// `promtool` (Debian's `prometheus` package, which the scripts install)
+/// checks the rules and runs their unit tests: every alert has a case where
+/// it fires, with its labels and text, and one where it stays quiet.
+#[test]
+fn alert_rules_pass_promtool_and_every_alert_has_a_unit_test() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(root())
+            .output()
+            .expect("promtool is installed (scripts/lib.sh installs the prometheus package)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["check", "rules", "deploy/prometheus/alerts.yml"]);
+    run(&["test", "rules", "deploy/prometheus/alerts.test.yml"]);
+    let tests = read("deploy/prometheus/alerts.test.yml");
+    let rules = &yaml_docs("deploy/prometheus/alerts.yml")[0]["groups"][0]["rules"];
+    for rule in rules.as_sequence().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
+        let cases = tests.matches(&format!("alertname: {name}\n")).count();
+        assert!(
+            cases >= 2,
+            "{name} needs a case where it fires and one where it does not ({cases} found)"
+        );
+    }
+}
+
 #[test]
 fn readme_opens_with_the_two_commands_ci_runs() {
     let readme = read("README.md");
