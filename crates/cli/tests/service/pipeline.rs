@@ -867,11 +867,14 @@ async fn events_wider_than_the_stream_window_are_all_delivered() {
 }
 
 /// A large session read cold is pushed window by window while SQL is still
-/// sending it. The session's table is a view whose 4,001st row waits on an
-/// advisory lock the test holds: the first window (2,000 members at the
-/// shipped chunk sizes) must reach the gateway while the read is held, and
-/// once the lock goes every member gets the event exactly once. Read whole
-/// before pushing, nobody would be pushed while the lock is held.
+/// sending it. The session's table is a view whose 4,001st member waits on
+/// an advisory lock the test holds whenever the member read (not the size
+/// count) reaches it, and the planner is held to index scans so rows are
+/// read in key order and no further than each page needs: the first window
+/// (2,000 members at the shipped chunk sizes) must reach the gateway while
+/// the read is held, and once the lock goes every member gets the event
+/// exactly once. Read whole before pushing, nobody would be pushed while
+/// the lock is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_session_read_cold_is_pushed_while_sql_still_sends_it() {
     const MEMBERS: usize = 5_000;
@@ -886,20 +889,22 @@ async fn a_large_session_read_cold_is_pushed_while_sql_still_sends_it() {
     let mut admin = <sqlx::AnyConnection as sqlx::Connection>::connect(&stack.db.url)
         .await
         .unwrap();
-    // The view's username column runs `gate` on one row; a count of the
-    // session does not read the column, so it is not held.
+    let database = stack.db.url.rsplit('/').next().unwrap().to_string();
     let held = format!("u{HELD_AT:06}");
     for ddl in [
         "ALTER TABLE t_session_member RENAME TO member_rows".to_string(),
-        "CREATE FUNCTION gate(name text) RETURNS text LANGUAGE plpgsql STABLE AS $$ \
-         BEGIN PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
-         RETURN name; END $$"
+        "CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$ BEGIN \
+         IF current_query() LIKE '%string_agg%' THEN \
+         PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
+         END IF; RETURN true; END $$"
             .to_string(),
         format!(
-            "CREATE VIEW t_session_member AS SELECT session_id, \
-             CASE WHEN username = '{held}' THEN gate(username) ELSE username END AS username, \
-             role, last_read_seq FROM member_rows"
+            "CREATE VIEW t_session_member AS SELECT session_id, username, role, last_read_seq \
+             FROM member_rows WHERE username <> '{held}' OR gate()"
         ),
+        format!("ALTER DATABASE {database} SET enable_seqscan = off"),
+        format!("ALTER DATABASE {database} SET enable_bitmapscan = off"),
+        format!("ALTER DATABASE {database} SET enable_sort = off"),
         "SELECT pg_advisory_lock(4242)".to_string(),
     ] {
         sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
@@ -934,4 +939,42 @@ async fn a_large_session_read_cold_is_pushed_while_sql_still_sends_it() {
     g1.stop().await;
     drop(admin);
     stack.db.drop_database().await;
+}
+
+/// Members are read a page of names per SQL row: on every dialect a
+/// session of several pages comes back whole, each name once, names with
+/// separators, digits and multi-byte characters intact, and the read stops
+/// at `limits.max_members + 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_read_page_by_page_on_every_dialect() {
+    for db in [
+        TestDb::sqlite(),
+        TestDb::mysql().await,
+        TestDb::postgres().await,
+    ] {
+        let store = db.member_store().await;
+        let names: Vec<String> = (0..4_500)
+            .map(|i| match i % 3 {
+                0 => format!("user-{i}"),
+                1 => format!("{i}:ü,{i}"),
+                _ => format!("名前{i}"),
+            })
+            .collect();
+        let seed = resonance_task::store::SessionSeed {
+            session_id: "paged".into(),
+            kind: 2,
+            name: "paged".into(),
+            owner: names[0].clone(),
+            members: names.clone(),
+        };
+        store.create_session(&seed).await.unwrap();
+        let mut read = store.members("paged").await.unwrap();
+        read.sort();
+        let mut expected = names.clone();
+        expected.sort();
+        assert_eq!(read, expected, "{}", db.url);
+        let capped = store.clone().with_max_members(2_500);
+        assert_eq!(capped.members("paged").await.unwrap().len(), 2_501);
+        db.drop_database().await;
+    }
 }

@@ -130,9 +130,18 @@ pub async fn connect_database(cfg: &DatabaseConfig) -> Result<(AnyPool, Dialect)
         .acquire_timeout(cfg.acquire_timeout)
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
-                if dialect == Dialect::Sqlite {
-                    conn.execute("PRAGMA journal_mode = WAL").await?;
-                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                match dialect {
+                    Dialect::Sqlite => {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    }
+                    // Members are read a page per row with GROUP_CONCAT,
+                    // which MySQL would cut at 1,024 bytes by default.
+                    Dialect::MySql => {
+                        conn.execute("SET SESSION group_concat_max_len = 67108864")
+                            .await?;
+                    }
+                    Dialect::Postgres => {}
                 }
                 Ok(())
             })

@@ -15,7 +15,7 @@
 //! first window while SQL is still sending the rest, instead of waiting for
 //! the whole list. The finished list goes into the cache.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,7 +58,9 @@ pub struct SessionSeed {
 pub struct MemberStore {
     pool: AnyPool,
     dialect: Dialect,
-    select_members: SqlStr,
+    /// The first page of a session's members, and each page after a key.
+    first_page: SqlStr,
+    next_page: SqlStr,
     count_members: SqlStr,
     cache: Option<MemberCache>,
     /// Cold reads under way, by session: a lookup that misses the cache
@@ -116,8 +118,46 @@ impl MemberCache {
     }
 }
 
-/// Names a read hands on at a time.
-const READ_BATCH: usize = 256;
+/// Members one SQL page holds at most.
+const PAGE_ROWS: usize = 2000;
+
+/// One page of a session's members, read in the member key's order from
+/// `after` on (exclusive; from the start when `None`): a single row with
+/// the page's last name and its names concatenated, each as
+/// `<byte length>:<name>`, so any name splits back exactly. One row per
+/// page instead of one per member is what makes a 100,000-member read
+/// cheap: a row costs the driver far more than its bytes do.
+fn page_sql(dialect: Dialect, after: bool) -> String {
+    let p = |n| dialect.placeholder(n);
+    let (key, limit) = if after {
+        (format!(" AND username > {}", p(2)), p(3))
+    } else {
+        (String::new(), p(2))
+    };
+    let names = match dialect {
+        Dialect::Sqlite => "group_concat(length(CAST(username AS BLOB)) || ':' || username, '')",
+        Dialect::MySql => "GROUP_CONCAT(CONCAT(LENGTH(username), ':', username) SEPARATOR '')",
+        Dialect::Postgres => "string_agg(octet_length(username) || ':' || username, '')",
+    };
+    format!(
+        "SELECT MAX(username), {names} FROM (SELECT username FROM t_session_member \
+         WHERE session_id = {}{key} ORDER BY username LIMIT {limit}) AS page",
+        p(1)
+    )
+}
+
+/// Splits `<byte length>:<name>` runs back into names.
+fn split_page(page: &str) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    let mut rest = page;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        names.push(tail.get(..len)?.to_string());
+        rest = &tail[len..];
+    }
+    Some(names)
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -324,11 +364,8 @@ const INSERT_ROWS: usize = 200;
 impl MemberStore {
     pub fn new(pool: AnyPool, dialect: Dialect) -> Self {
         // Built from fixed text and placeholders only: no input reaches SQL.
-        let select_members = AssertSqlSafe(format!(
-            "SELECT username FROM t_session_member WHERE session_id = {}",
-            dialect.placeholder(1)
-        ))
-        .into_sql_str();
+        let first_page = AssertSqlSafe(page_sql(dialect, false)).into_sql_str();
+        let next_page = AssertSqlSafe(page_sql(dialect, true)).into_sql_str();
         let count_members = AssertSqlSafe(format!(
             "SELECT COUNT(*) FROM (SELECT 1 FROM t_session_member WHERE session_id = {} LIMIT {}) AS m",
             dialect.placeholder(1),
@@ -338,7 +375,8 @@ impl MemberStore {
         Self {
             pool,
             dialect,
-            select_members,
+            first_page,
+            next_page,
             count_members,
             cache: None,
             loads: Arc::default(),
@@ -554,43 +592,48 @@ impl MemberStore {
             .increment(1);
     }
 
-    /// Reads the members of `session_id`, at most `max_rows`, each name
-    /// once (first occurrence kept; the primary key makes repeats rare),
-    /// handing them to `batch` a few hundred at a time as they arrive.
-    /// Rows are streamed and only the name kept, so a large group is never
-    /// held as rows.
+    /// Reads the members of `session_id`, at most `max_rows`, page by page
+    /// in the member key's order, handing each page to `batch` as it
+    /// arrives. Each name comes once: every page starts past the last one.
     async fn read_rows(
         &self,
         session_id: &str,
         mut batch: impl FnMut(Vec<String>),
     ) -> Result<(), MemberError> {
-        use futures::TryStreamExt;
         let err = |cause| MemberError::Query {
             session_id: session_id.to_string(),
             cause,
         };
-        let mut rows = sqlx::query(self.select_members.clone())
-            .bind(session_id)
-            .fetch(&self.pool);
-        let mut seen = HashSet::new();
-        let mut pending = Vec::with_capacity(READ_BATCH);
-        while let Some(row) = rows.try_next().await.map_err(err)? {
-            let name = row.try_get::<String, _>(0).map_err(err)?;
-            if !seen.insert(name.clone()) {
-                continue;
-            }
-            pending.push(name);
-            if seen.len() >= self.max_rows {
-                break;
-            }
-            if pending.len() == READ_BATCH {
-                batch(std::mem::replace(
-                    &mut pending,
-                    Vec::with_capacity(READ_BATCH),
-                ));
+        let mut read = 0;
+        let mut after: Option<String> = None;
+        while read < self.max_rows {
+            let limit = PAGE_ROWS.min(self.max_rows - read);
+            let query = match &after {
+                None => sqlx::query(self.first_page.clone()).bind(session_id),
+                Some(key) => sqlx::query(self.next_page.clone())
+                    .bind(session_id)
+                    .bind(key.clone()),
+            };
+            let row = query
+                .bind(limit as i64)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(err)?;
+            let last: Option<String> = row.try_get(0).map_err(err)?;
+            let joined: Option<String> = row.try_get(1).map_err(err)?;
+            let names = split_page(joined.as_deref().unwrap_or_default()).ok_or_else(|| {
+                err(sqlx::Error::Decode(
+                    format!("a page of members that does not split into names: {joined:?}").into(),
+                ))
+            })?;
+            let full = names.len() == limit;
+            read += names.len();
+            batch(names);
+            match last {
+                Some(last) if full => after = Some(last),
+                _ => break,
             }
         }
-        batch(pending);
         Ok(())
     }
 
@@ -669,6 +712,17 @@ impl MemberStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_split_back_into_the_names_they_joined() {
+        let names = ["a", "b:c", "12:x", "", "ünï", "d\ne"];
+        let joined: String = names.iter().map(|n| format!("{}:{n}", n.len())).collect();
+        assert_eq!(split_page(&joined).unwrap(), names);
+        assert_eq!(split_page("").unwrap(), Vec::<String>::new());
+        assert!(split_page("3:ab").is_none(), "short name");
+        assert!(split_page("x:ab").is_none(), "no length");
+        assert!(split_page("1:ü").is_none(), "length inside a character");
+    }
 
     #[tokio::test]
     async fn a_stream_hands_out_windows_as_rows_arrive() {
