@@ -2,11 +2,15 @@
 # The whole stack on one machine: private nats-server (JetStream), etcd and
 # redis-server on free loopback ports, a SQLite database, 2 task pods and 2
 # reference gateways as separate processes; seeds sessions of mixed sizes,
-# publishes a sample workload, waits for it to settle and prints a delivery
-# report. Everything it started is stopped on exit (Ctrl-C too).
+# publishes a sample workload (a live line of delivered/expected while it
+# runs), waits for it to settle and prints a delivery report. Everything it
+# started is stopped on exit (Ctrl-C too), unless --keep.
 #
 #   scripts/demo.sh          report as text
 #   scripts/demo.sh --json   ... and as one JSON object on the last line
+#   scripts/demo.sh --keep   leave the stack running (and a private
+#                            Prometheus with the alert rules, if installed)
+#                            and print where to look and how to stop it
 #
 # Exits non-zero if any expected delivery was lost.
 set -euo pipefail
@@ -15,10 +19,12 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 json=()
+keep=0
 for arg in "$@"; do
   case "$arg" in
     --json) json=(--json) ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --keep) keep=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -31,8 +37,9 @@ SESSIONS=${DEMO_SESSIONS:-2x300,10x100,100x30,1000x4,2400x1}
 say() { echo "demo: $*" >&2; }
 
 resonance_ensure_tools
-say "building (release)"
-cargo build --release --quiet --bin resonance-task >&2
+say "building (release; the first build takes several minutes)"
+cargo build --release --bin resonance-task >&2
+demo_started=$SECONDS
 BIN=$PWD/target/release/resonance-task
 
 WORK=$(mktemp -d -t resonance-demo.XXXXXX)
@@ -40,6 +47,11 @@ pids=()
 cleanup() {
   local code=$?
   trap - EXIT INT TERM
+  if [ "$keep" = 1 ] && [ "$code" -eq 0 ]; then
+    printf '%s\n' "${pids[@]}" >"$WORK/pids"
+    kept_report
+    exit 0
+  fi
   # Last started first: pods drain while gateways and servers still run.
   local i
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
@@ -52,6 +64,23 @@ cleanup() {
     rm -rf "$WORK"
   fi
   exit "$code"
+}
+
+# Where to look at a kept stack, and how to stop it.
+kept_report() {
+  local prom="not installed (apt-get install prometheus); scrape the URLs above"
+  [ -n "$PROM_PORT" ] && prom="http://127.0.0.1:$PROM_PORT (alerts: http://127.0.0.1:$PROM_PORT/alerts)"
+  cat >&2 <<KEPT
+demo: the stack keeps running (logs and data in $WORK)
+  pods' metrics:    http://127.0.0.1:$POD1_ADMIN/metrics  http://127.0.0.1:$POD2_ADMIN/metrics
+  pods' readiness:  http://127.0.0.1:$POD1_ADMIN/readyz  http://127.0.0.1:$POD2_ADMIN/readyz
+  gateways' stats:  http://127.0.0.1:$G1_HTTP/stats  http://127.0.0.1:$G2_HTTP/stats
+  Prometheus:       $prom
+  its environment:  export RESONANCE_TASK__NATS__URL=$RESONANCE_TASK__NATS__URL RESONANCE_TASK__REDIS__ADDR=$RESONANCE_TASK__REDIS__ADDR RESONANCE_TASK__ETCD__ENDPOINTS=$RESONANCE_TASK__ETCD__ENDPOINTS RESONANCE_TASK__DATABASE__URL='$RESONANCE_TASK__DATABASE__URL'
+  then try:         $BIN dlq list
+                    $BIN workload --events 1000 --rate 500 --stats http://127.0.0.1:$G1_HTTP/stats,http://127.0.0.1:$G2_HTTP/stats
+  stop it:          kill \$(cat $WORK/pids); rm -rf $WORK
+KEPT
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -77,6 +106,7 @@ start() { # name, command...
 
 NATS_PORT=$(free_port); ETCD_PORT=$(free_port); ETCD_PEER=$(free_port); REDIS_PORT=$(free_port)
 G1_HTTP=$(free_port); G2_HTTP=$(free_port); POD1_ADMIN=$(free_port); POD2_ADMIN=$(free_port)
+PROM_PORT=
 
 say "starting nats-server :$NATS_PORT, etcd :$ETCD_PORT, redis-server :$REDIS_PORT in $WORK"
 start nats nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats"
@@ -124,6 +154,22 @@ wait_for "gateways" test -s "$WORK/gateway-001.ready" -a -s "$WORK/gateway-002.r
 wait_for "pods" grep -q consuming "$WORK/pod-1.log" "$WORK/pod-2.log"
 wait_for "pod 2" grep -q consuming "$WORK/pod-2.log"
 
+if [ "$keep" = 1 ] && command -v prometheus >/dev/null; then
+  PROM_PORT=$(free_port)
+  cat >"$WORK/prometheus.yml" <<PROM
+global: {scrape_interval: 5s, evaluation_interval: 5s}
+rule_files: [$PWD/deploy/prometheus/alerts.yml]
+scrape_configs:
+  - job_name: resonance-task
+    static_configs: [{targets: ["127.0.0.1:$POD1_ADMIN", "127.0.0.1:$POD2_ADMIN"]}]
+  - job_name: resonance-gateway
+    static_configs: [{targets: ["127.0.0.1:$G1_HTTP", "127.0.0.1:$G2_HTTP"]}]
+PROM
+  say "starting a private Prometheus on :$PROM_PORT with the alert rules"
+  start prometheus prometheus --config.file="$WORK/prometheus.yml" \
+    --storage.tsdb.path="$WORK/prometheus" --web.listen-address="127.0.0.1:$PROM_PORT"
+fi
+
 say "pods' metrics: http://127.0.0.1:$POD1_ADMIN/metrics http://127.0.0.1:$POD2_ADMIN/metrics"
 say "publishing $EVENTS events at $RATE/s"
 status=0
@@ -146,4 +192,5 @@ for _ in $(seq 50); do
   sleep 0.1
 done
 say "pods' /metrics: deliveries delivered $(sum 'resonance_task_deliveries_total{outcome="delivered"'), offline $(sum 'resonance_task_deliveries_total{outcome="offline"'), events acked $(sum 'resonance_task_events_total{outcome="acked"}'), dead-lettered $(sum 'resonance_task_events_total{outcome="dead_lettered"}')"
+say "the demo took $((SECONDS - demo_started)) s after the build"
 exit "$status"

@@ -259,7 +259,7 @@ impl Expectation {
             if reached >= self.expected {
                 return Ok(now);
             }
-            if shown.elapsed() >= Duration::from_secs(1) {
+            if shown.elapsed() >= PROGRESS_EVERY {
                 // Progress for whoever runs the tool; logs stay structured.
                 eprintln!(
                     "waiting: {reached} of {} expected deliveries arrived",
@@ -282,6 +282,9 @@ impl Expectation {
         }
     }
 }
+
+/// How often the tool says how far it got, on standard error.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Publish-to-gateway latency of every delivery the gateways saw.
 pub fn latency(stats: &[GatewayStats]) -> Histogram<u64> {
@@ -315,12 +318,23 @@ pub async fn run(
     let mut pacer = Pacer::new(opts.rate);
     let started_us = now_ms() * 1000;
     let started = tokio::time::Instant::now();
+    let mut shown = tokio::time::Instant::now();
     for i in 0..opts.events {
         let e = expectation.draw(&mut rng, &sessions, opts.push_to_sender, base + i as i64);
         pacer.tick().await;
         nats.publish(opts.subject.clone(), e.encode_to_vec().into())
             .await
             .map_err(|e| WorkloadError::Publish(e.into()))?;
+        if shown.elapsed() >= PROGRESS_EVERY {
+            let reached = expectation.compare(&stats.fetch().await?).delivered;
+            eprintln!(
+                "published {} of {} events; {reached} of {} expected deliveries arrived",
+                i + 1,
+                opts.events,
+                expectation.expected
+            );
+            shown = tokio::time::Instant::now();
+        }
     }
     nats.flush()
         .await
