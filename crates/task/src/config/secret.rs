@@ -1,32 +1,36 @@
 //! Secrets in the configuration: [`Secret`] (a password or token) and
-//! [`SecretUrl`] (a URL that may carry one). Neither shows its secret in
-//! `Debug`, `Display` or when the configuration is printed.
+//! [`SecretUrl`] (a URL that may carry one). Both keep their value in a
+//! `secrecy::SecretString`, wiped from memory when dropped; neither shows
+//! its secret in `Debug`, `Display` or when the configuration is printed.
 
 use std::fmt;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// A password or token: never shown by `Debug`, `Display` or serialization.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(SecretString);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(SecretString::from(value.into()))
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
 
 const REDACTED: &str = "<redacted>";
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0);
-    }
-}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -42,28 +46,36 @@ impl Serialize for Secret {
 
 /// A URL that may carry a password (`mysql://user:pw@host/db`): shown with
 /// the password replaced.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct SecretUrl(String);
+pub struct SecretUrl(SecretString);
 
 impl SecretUrl {
     pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
+        Self(SecretString::from(url.into()))
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
     /// Each URL of a comma-separated list with its password (or a NATS
     /// token standing alone before `@`) and any password-like query value
     /// replaced.
     fn redacted(&self) -> String {
-        self.0
+        self.expose()
             .split(',')
             .map(redact_one_url)
             .collect::<Vec<_>>()
             .join(",")
     }
 }
+
+impl PartialEq for SecretUrl {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for SecretUrl {}
 
 fn redact_one_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
