@@ -329,6 +329,29 @@ async fn redis_with(persistent: bool) -> Result<LocalServer, StackError> {
     .await
 }
 
+/// A private Prometheus (Debian's `prometheus` package; the packaged
+/// service is never used) with `config` as its configuration file, its
+/// data in the server's temp dir; ready once `/-/ready` answers.
+pub async fn prometheus_server(config: &str) -> Result<LocalServer, StackError> {
+    let config = config.to_string();
+    LocalServer::spawn_checked(
+        "prometheus",
+        "prometheus",
+        "prometheus",
+        Some("/-/ready"),
+        move |dir, port| {
+            let file = dir.path().join("prometheus.yml");
+            std::fs::write(&file, config).expect("the temp dir takes the configuration");
+            vec![
+                format!("--config.file={}", file.display()),
+                format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+            ]
+        },
+    )
+    .await
+}
+
 /// Pauses (SIGSTOP) or resumes (SIGCONT) a process: a stalled server keeps
 /// its connections open but answers nothing.
 pub fn signal(pid: u32, signal: &str) -> std::io::Result<()> {

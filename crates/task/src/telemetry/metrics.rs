@@ -69,6 +69,15 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0,
 ];
 
+/// The `outcome` label values of [`EVENTS`].
+pub const EVENT_OUTCOMES: &[&str] = &[
+    "acked",
+    "duplicate",
+    "retried",
+    "handed_back",
+    "dead_lettered",
+];
+
 /// The process-wide recorder, installed on first use.
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -88,6 +97,12 @@ pub fn describe() {
         EVENTS,
         "Events by outcome: acked, duplicate, retried, handed_back, dead_lettered"
     );
+    // Every outcome's series exists from the start at zero: a counter that
+    // first appears with its first increment would start at 1, and
+    // `increase()` (the dead-letter alert) would never see it rise.
+    for outcome in EVENT_OUTCOMES {
+        metrics::counter!(EVENTS, "outcome" => *outcome).increment(0);
+    }
     describe_counter!(DELIVERIES, "Recipients by outcome and gateway_id");
     describe_histogram!(
         EVENT_AGE,
