@@ -978,3 +978,40 @@ async fn members_are_read_page_by_page_on_every_dialect() {
         db.drop_database().await;
     }
 }
+
+/// Many concurrent lookups of a few sessions, with and without the cache:
+/// every one gets its session's members (none waits forever on a read
+/// it joined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_share_reads_and_all_finish() {
+    let db = TestDb::sqlite();
+    let store = db.member_store().await;
+    for s in 0..4 {
+        let members: Vec<String> = (0..10).map(|i| format!("s{s}-u{i}")).collect();
+        store
+            .create_session(&resonance_task::store::SessionSeed {
+                session_id: format!("s{s}"),
+                kind: 2,
+                name: format!("s{s}"),
+                owner: members[0].clone(),
+                members,
+            })
+            .await
+            .unwrap();
+    }
+    for store in [
+        store.clone(),
+        store.clone().with_cache(Duration::from_millis(1), 1000),
+    ] {
+        let lookups = (0..2_000).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.members(&format!("s{}", i % 4)).await })
+        });
+        let all = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(lookups))
+            .await
+            .expect("every lookup finishes");
+        for members in all {
+            assert_eq!(members.unwrap().unwrap().len(), 10);
+        }
+    }
+}

@@ -83,6 +83,18 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Its `outcome` label in `resonance_task_events_total` (one of
+    /// [`crate::telemetry::metrics::EVENT_OUTCOMES`]).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Decision::Ack => "acked",
+            Decision::Duplicate => "duplicate",
+            Decision::Retry { .. } => "retried",
+            Decision::HandBack { .. } => "handed_back",
+            Decision::DeadLetter { .. } => "dead_lettered",
+        }
+    }
+
     /// Shutdown interrupted the message: redeliver at once, elsewhere.
     pub const SHUTDOWN: Decision = Decision::HandBack {
         delay: Duration::ZERO,
@@ -467,6 +479,30 @@ mod tests {
             gateways: 1,
             progress_written: false,
         }
+    }
+
+    #[test]
+    fn every_outcome_is_exported_from_the_start() {
+        let every = [
+            Decision::Ack,
+            Decision::Duplicate,
+            Decision::Retry {
+                delay: Duration::ZERO,
+                reason: String::new(),
+            },
+            Decision::DeadLetter {
+                reason: String::new(),
+                last_error: String::new(),
+            },
+            Decision::SHUTDOWN,
+        ];
+        for d in &every {
+            assert!(
+                crate::telemetry::metrics::EVENT_OUTCOMES.contains(&d.outcome()),
+                "{d:?}"
+            );
+        }
+        assert_eq!(crate::telemetry::metrics::EVENT_OUTCOMES.len(), every.len());
     }
 
     #[test]

@@ -44,14 +44,7 @@ pub struct TotalsSnapshot {
 
 impl EventTotals {
     pub fn decision(&self, d: &Decision) {
-        let outcome = match d {
-            Decision::Ack => "acked",
-            Decision::Duplicate => "duplicate",
-            Decision::Retry { .. } => "retried",
-            Decision::HandBack { .. } => "handed_back",
-            Decision::DeadLetter { .. } => "dead_lettered",
-        };
-        metrics::counter!(crate::telemetry::metrics::EVENTS, "outcome" => outcome).increment(1);
+        metrics::counter!(crate::telemetry::metrics::EVENTS, "outcome" => d.outcome()).increment(1);
         let c = match d {
             Decision::Ack => &self.0.acked,
             Decision::Duplicate => &self.0.duplicates,
