@@ -259,19 +259,19 @@ async fn prometheus_scrapes_live_pods_and_every_panel_and_alert_evaluates() {
         })
     };
 
-    let query = |expr: String| {
-        let api = api.clone();
+    let api_get = |path: String| {
+        let url = format!("{api}/{path}");
         async move {
-            let client = resonance_testkit::http_client().build().unwrap();
-            let encoded: String = url::form_urlencoded::byte_serialize(expr.as_bytes()).collect();
-            let body: serde_json::Value = client
-                .get(format!("{api}/query?query={encoded}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let (status, body) = get(&url).await;
+            assert_eq!(status, 200, "{url}: {body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let query = |expr: String| {
+        let encoded: String = url::form_urlencoded::byte_serialize(expr.as_bytes()).collect();
+        let answer = api_get(format!("query?query={encoded}"));
+        async move {
+            let body = answer.await;
             assert_eq!(body["status"], "success", "{expr}: {body}");
             body["data"]["result"].as_array().unwrap().len()
         }
@@ -309,16 +309,8 @@ async fn prometheus_scrapes_live_pods_and_every_panel_and_alert_evaluates() {
         }
     }
 
-    let client = resonance_testkit::http_client().build().unwrap();
     let rules_of = || async {
-        let body: serde_json::Value = client
-            .get(format!("{api}/rules"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = api_get("rules".into()).await;
         body["data"]["groups"][0]["rules"]
             .as_array()
             .cloned()
