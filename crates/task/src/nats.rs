@@ -18,6 +18,22 @@ pub async fn connect(
 }
 
 /// [`connect`], keeping `readiness` and the reconnect counter current.
+/// Waits until the server has handled everything `client` sent before.
+/// `flush` only puts it on the wire: a subscription made just before may
+/// not be in place yet when another connection publishes, and core NATS
+/// drops what no subscription takes. A request nobody answers comes back
+/// as "no responders" only after the server has read what preceded it on
+/// this connection.
+pub async fn round_trip(client: &async_nats::Client) -> Result<(), async_nats::RequestError> {
+    match client.request(client.new_inbox(), Default::default()).await {
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(e),
+        // Someone answers on a fresh inbox subject: the round trip is done
+        // all the same.
+        Ok(_) => Ok(()),
+    }
+}
+
 pub async fn connect_with(
     cfg: &NatsConfig,
     name: &str,
@@ -45,6 +61,10 @@ pub async fn connect_with(
                     async_nats::Event::Disconnected => {
                         tracing::warn!("NATS disconnected; reconnecting");
                         connected(false);
+                    }
+                    // Core messages were dropped on this side: say so.
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "NATS subscription too slow; messages were dropped")
                     }
                     other => tracing::debug!(event = %other, "NATS event"),
                 }

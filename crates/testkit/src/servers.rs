@@ -34,12 +34,32 @@ pub enum StackError {
     TempDir(#[source] std::io::Error),
 }
 
-/// A free loopback port (the OS picks it; it is free when this returns).
+/// Ports `free_port` picks from: below Linux's ephemeral range (32768 and
+/// up), which the OS hands to every outgoing connection and `bind(0)`, so
+/// a port picked here is not taken by a client socket of another test
+/// before its server binds it; and low enough that a Redis Cluster bus
+/// (port + 10,000) stays a valid port.
+const PICKED_PORTS: std::ops::Range<u16> = 15_000..32_000;
+
+/// A free loopback port, picked at random and checked by binding it (it is
+/// free when this returns; concurrent tests seldom pick the same one).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("the OS hands out an ephemeral port")
+    use std::sync::Mutex;
+    // Never the same port twice from one process.
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = rand::random_range(PICKED_PORTS);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A server process owned by the caller; killed when dropped.

@@ -29,6 +29,11 @@ pub const UPSTREAM_WORKERS: usize = 10;
 /// Messages the serial consumer's subscription buffers.
 const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 
+/// How long one step (the member read, a route read, a push) may take
+/// before it is given up with a warning that names it: a stuck step would
+/// otherwise stall the run without a word.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One gateway's stream; a push holds it until its response arrives.
 struct Stream {
     requests: mpsc::Sender<PushMessageRequest>,
@@ -67,6 +72,13 @@ impl Serial {
         let nats = async_nats::ConnectOptions::new()
             .name("resonance-task-bench-serial")
             .subscription_capacity(SUBSCRIPTION_CAPACITY)
+            // Core NATS drops what a slow or cut connection misses; a run
+            // that then stalls should say why.
+            .event_callback(|event| async move {
+                if !matches!(event, async_nats::Event::Connected) {
+                    tracing::warn!(%event, "serial: NATS event");
+                }
+            })
             .connect(config.nats.url.expose())
             .await
             .map_err(setup)?;
@@ -77,7 +89,10 @@ impl Serial {
             )
             .await
             .map_err(setup)?;
-        nats.flush().await.map_err(setup)?;
+        // In place on the server before anything is published to it.
+        resonance_task::nats::round_trip(&nats)
+            .await
+            .map_err(setup)?;
         let upstream = Arc::new(Upstream {
             members: MemberStore::new(pool, dialect),
             redis,
@@ -113,34 +128,59 @@ impl Serial {
 
 impl Upstream {
     async fn handle(&self, event: PushEvent) {
-        let members = match self.members.members(&event.session_id).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "members");
+        let session_id = &event.session_id;
+        let members = match tokio::time::timeout(STEP_TIMEOUT, self.members.members(session_id))
+            .await
+        {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "serial: members");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%session_id, "serial: reading members took over {STEP_TIMEOUT:?}");
                 return;
             }
         };
+        if members.is_empty() {
+            tracing::warn!(%session_id, "serial: the session has no members");
+        }
         for member in members {
-            let route: Option<String> = match self
-                .redis
-                .query(redis::cmd("GET").arg(route_key(&member)))
-                .await
+            let mut get = redis::cmd("GET");
+            get.arg(route_key(&member));
+            let route: Option<String> = match tokio::time::timeout(
+                STEP_TIMEOUT,
+                self.redis.query(&get),
+            )
+            .await
             {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "route");
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "serial: route");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(%member, "serial: reading the route took over {STEP_TIMEOUT:?}");
                     continue;
                 }
             };
             let Some(route) = route.and_then(|r| serde_json::from_str::<Route>(&r).ok()) else {
+                tracing::debug!(%member, "serial: no route (offline)");
                 continue;
             };
             let endpoint = self.registry.snapshot().resolve(&route.gateway_id).cloned();
             let Some(endpoint) = endpoint else {
+                tracing::warn!(%member, gateway_id = %route.gateway_id, "serial: the route's gateway is not in the registry");
                 continue;
             };
-            if let Err(e) = self.push(&endpoint, &event, member).await {
-                tracing::warn!(error = %e, "push");
+            let gateway_id = endpoint.gateway_id.clone();
+            match tokio::time::timeout(STEP_TIMEOUT, self.push(&endpoint, &event, member)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, %gateway_id, "serial: push"),
+                Err(_) => {
+                    tracing::warn!(%gateway_id, "serial: a push had no answer in {STEP_TIMEOUT:?}; reconnecting");
+                    self.streams.lock().await.remove(&gateway_id);
+                }
             }
         }
     }
@@ -189,6 +229,10 @@ impl Upstream {
         };
         stream.requests.send(request).await.map_err(setup)?;
         match stream.responses.message().await {
+            Ok(Some(answer)) if !answer.error.is_empty() => Err(setup(format!(
+                "gateway {} did not deliver: {}",
+                endpoint.gateway_id, answer.error
+            ))),
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(setup("gateway ended the stream")),
             Err(status) => Err(setup(status)),

@@ -25,6 +25,11 @@ pub async fn run(
     let mut subscription = client
         .queue_subscribe(cfg.topic.clone(), cfg.queue_group.clone())
         .await?;
+    // Ready only once the server has the subscription: core NATS drops what
+    // is published before it.
+    if let Err(e) = crate::nats::round_trip(&client).await {
+        tracing::warn!(error = %e, "could not confirm the subscription with the server");
+    }
     Readiness::set(&life.readiness.consumer_bound, true);
     tracing::info!(topic = %cfg.topic, queue_group = %cfg.queue_group, "consuming (core mode, at-most-once)");
     let workers = Arc::new(Semaphore::new(cfg.worker_count));

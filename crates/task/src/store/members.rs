@@ -404,12 +404,16 @@ impl MemberStore {
             hits: Arc::default(),
             misses: Arc::default(),
         });
+        // A read another store started would not fill this cache.
+        self.loads = Arc::default();
         self
     }
 
     /// Reads at most `max_members + 1` members of a session.
     pub fn with_max_members(mut self, max_members: usize) -> Self {
         self.max_rows = max_members.saturating_add(1);
+        // Reads under way elsewhere were made with another bound.
+        self.loads = Arc::default();
         self
     }
 

@@ -23,7 +23,9 @@ pub async fn follow_changes(
     }
     match nats.subscribe(topic.clone()).await {
         Ok(changes) => {
-            let _ = nats.flush().await;
+            if let Err(e) = crate::nats::round_trip(nats).await {
+                tracing::debug!(error = %e, "could not confirm the membership subscription with the server");
+            }
             life.spawn(drop_changed_sessions(changes, members, life.stop.clone()));
         }
         Err(e) => {
