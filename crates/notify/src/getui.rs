@@ -17,15 +17,13 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::Delivery;
+use super::{CachedToken, Delivery};
 use resonance_task::config::{GetuiConfig, Secret};
 use resonance_task::proto::OfflineNotice;
 use resonance_task::store::RedisClient;
 
 /// Getui's code for an invalid or expired token.
 const TOKEN_INVALID: i64 = 10001;
-/// Renew at most this long before expiry.
-const MAX_EARLY_RENEWAL: Duration = Duration::from_secs(300);
 
 /// `sha256(appkey + timestamp + mastersecret)` in hex.
 pub fn sign(app_key: &str, timestamp_ms: &str, master_secret: &str) -> String {
@@ -42,23 +40,6 @@ pub fn request_id(msg_id: i64, username: &str) -> String {
     h.update(msg_id.to_be_bytes());
     h.update(username.as_bytes());
     hex::encode(&h.finalize()[..16])
-}
-
-#[derive(Debug, Clone)]
-struct Token {
-    value: String,
-    issued_ms: i64,
-    expires_ms: i64,
-}
-
-impl Token {
-    /// Time to get a new one: in the last tenth of its life, or within
-    /// five minutes of expiry, whichever comes later.
-    fn due(&self, now_ms: i64) -> bool {
-        let life = (self.expires_ms - self.issued_ms).max(0);
-        let early = (life / 10).min(MAX_EARLY_RENEWAL.as_millis() as i64);
-        now_ms >= self.expires_ms - early
-    }
 }
 
 #[derive(Deserialize)]
@@ -79,7 +60,7 @@ pub struct Getui {
     cid_key: String,
     ttl: Duration,
     redis: RedisClient,
-    token: tokio::sync::Mutex<Option<Token>>,
+    token: tokio::sync::Mutex<Option<CachedToken>>,
 }
 
 impl Getui {
@@ -96,11 +77,15 @@ impl Getui {
         }
     }
 
-    /// A valid token, renewed first when due. One renewal at a time.
-    async fn token(&self, renew: bool) -> Result<String, Delivery> {
+    /// A valid token, renewed first when due or when `refused` is the
+    /// cached one (several pushes refused at once renew it once).
+    async fn token(&self, refused: Option<&str>) -> Result<String, Delivery> {
         let mut cached = self.token.lock().await;
         let now = resonance_task::clock::now_ms();
-        if let Some(t) = cached.as_ref().filter(|t| !renew && !t.due(now)) {
+        if let Some(t) = cached
+            .as_ref()
+            .filter(|t| refused != Some(t.value.as_str()) && !t.due(now))
+        {
             return Ok(t.value.clone());
         }
         let timestamp = now.to_string();
@@ -111,7 +96,7 @@ impl Getui {
         });
         let reply = self.call("auth", None, &body).await?;
         if reply.code != 0 {
-            return Err(Delivery::Retry(format!(
+            return Err(Delivery::retry(format!(
                 "Getui auth refused: code {} {}",
                 reply.code, reply.msg
             )));
@@ -123,10 +108,10 @@ impl Getui {
             .or_else(|| reply.data["expire_time"].as_i64())
             .unwrap_or(now);
         if value.is_empty() {
-            return Err(Delivery::Retry("Getui auth answered no token".into()));
+            return Err(Delivery::retry("Getui auth answered no token"));
         }
         tracing::debug!(expires_ms, "Getui token renewed");
-        *cached = Some(Token {
+        *cached = Some(CachedToken {
             value: value.clone(),
             issued_ms: now,
             expires_ms,
@@ -147,10 +132,10 @@ impl Getui {
         let response = request
             .send()
             .await
-            .map_err(|e| Delivery::Retry(format!("Getui {path}: {e}")))?;
+            .map_err(|e| Delivery::retry(format!("Getui {path}: {e}")))?;
         let status = response.status();
         if status.is_server_error() || status.as_u16() == 429 {
-            return Err(Delivery::Retry(format!("Getui {path} answered {status}")));
+            return Err(Delivery::retry(format!("Getui {path} answered {status}")));
         }
         if !status.is_success() {
             return Err(Delivery::Dropped(format!(
@@ -160,7 +145,7 @@ impl Getui {
         response
             .json::<Reply>()
             .await
-            .map_err(|e| Delivery::Retry(format!("Getui {path} answer unreadable: {e}")))
+            .map_err(|e| Delivery::retry(format!("Getui {path} answer unreadable: {e}")))
     }
 
     async fn client_id(&self, username: &str) -> Result<Option<String>, Delivery> {
@@ -170,7 +155,7 @@ impl Getui {
         self.redis
             .query::<Option<String>>(&get)
             .await
-            .map_err(|e| Delivery::Retry(format!("Getui client id of {username}: {e}")))
+            .map_err(|e| Delivery::retry(format!("Getui client id of {username}: {e}")))
     }
 
     pub async fn send(&self, notice: &OfflineNotice, username: &str) -> Delivery {
@@ -192,9 +177,9 @@ impl Getui {
                 }
             }
         });
-        let mut renew = false;
+        let mut refused: Option<String> = None;
         for _ in 0..2 {
-            let token = match self.token(renew).await {
+            let token = match self.token(refused.as_deref()).await {
                 Ok(t) => t,
                 Err(d) => return d,
             };
@@ -204,11 +189,11 @@ impl Getui {
             };
             match reply.code {
                 0 => return Delivery::Sent,
-                TOKEN_INVALID => renew = true,
+                TOKEN_INVALID => refused = Some(token),
                 code => return Delivery::Dropped(format!("Getui code {code}: {}", reply.msg)),
             }
         }
-        Delivery::Retry("Getui kept refusing a fresh token".into())
+        Delivery::retry("Getui kept refusing a fresh token")
     }
 }
 
@@ -233,25 +218,5 @@ mod tests {
         assert_eq!(id, request_id(7, "alice"));
         assert_ne!(id, request_id(7, "bob"));
         assert_ne!(id, request_id(8, "alice"));
-    }
-
-    #[test]
-    fn tokens_are_renewed_before_they_expire() {
-        let day = 24 * 3600 * 1000;
-        let t = Token {
-            value: "t".into(),
-            issued_ms: 0,
-            expires_ms: day,
-        };
-        assert!(!t.due(0));
-        assert!(!t.due(day - 300_001));
-        assert!(t.due(day - 300_000), "five minutes early at most");
-        let short = Token {
-            value: "t".into(),
-            issued_ms: 0,
-            expires_ms: 10_000,
-        };
-        assert!(!short.due(8_999));
-        assert!(short.due(9_000), "in the last tenth of its life");
     }
 }

@@ -3,16 +3,23 @@
 //! intake as the task pods (`consumer::jetstream`: a shared JetStream
 //! consumer, ack after success, redelivery with backoff, dead letters on
 //! `notify.dead_letter_topic`), and hands every recipient to each
-//! configured provider: `webhook` (signed JSON POST) and `getui` (Getui
-//! REST API v2).
+//! configured provider: `webhook` (signed JSON POST), `getui` (Getui
+//! REST API v2), `fcm` (Firebase Cloud Messaging HTTP v1) and `apns`
+//! (Apple Push Notification service, HTTP/2).
 //!
 //! A notice is acked when every recipient was sent or dropped by every
 //! provider. What was sent is remembered per notice in Redis
-//! (`resonance:notify:{<msg_id>}:sent`, one member per provider and user),
-//! so a redelivery sends only what is left.
+//! (`resonance:notify:{<msg_id>}:sent`, one member per provider and user,
+//! and per device of users with several), so a redelivery sends only what
+//! is left. Each provider works through its recipients on its own, with
+//! its own retries and request slots: one that fails or is slow holds up
+//! none of the others.
 
 #![forbid(unsafe_code)]
 
+pub mod apns;
+pub mod devices;
+pub mod fcm;
 pub mod getui;
 pub mod webhook;
 
@@ -39,8 +46,41 @@ pub enum Delivery {
     Sent,
     /// Will never work (no device, refused request): not retried.
     Dropped(String),
-    /// A transient failure: try again later.
-    Retry(String),
+    /// A transient failure: try again later, not before `after` when the
+    /// provider said when.
+    Retry {
+        reason: String,
+        after: Option<Duration>,
+    },
+}
+
+impl Delivery {
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Self::Retry {
+            reason: reason.into(),
+            after: None,
+        }
+    }
+}
+
+/// A provider's access token, renewed before it expires: in the last
+/// tenth of its life, at most five minutes early.
+#[derive(Debug, Clone)]
+pub(crate) struct CachedToken {
+    pub value: String,
+    pub issued_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// Renew at most this long before expiry.
+const MAX_EARLY_RENEWAL: Duration = Duration::from_secs(300);
+
+impl CachedToken {
+    pub fn due(&self, now_ms: i64) -> bool {
+        let life = (self.expires_ms - self.issued_ms).max(0);
+        let early = (life / 10).min(MAX_EARLY_RENEWAL.as_millis() as i64);
+        now_ms >= self.expires_ms - early
+    }
 }
 
 /// Notification title and body for a notice: the sender in one-to-one
@@ -64,6 +104,8 @@ pub fn title_and_body(notice: &OfflineNotice) -> (String, String) {
 pub enum Provider {
     Webhook(webhook::Webhook),
     Getui(getui::Getui),
+    Fcm(Box<fcm::Fcm>),
+    Apns(Box<apns::Apns>),
 }
 
 impl Provider {
@@ -71,6 +113,8 @@ impl Provider {
         match self {
             Self::Webhook(_) => "webhook",
             Self::Getui(_) => "getui",
+            Self::Fcm(_) => "fcm",
+            Self::Apns(_) => "apns",
         }
     }
 
@@ -78,14 +122,29 @@ impl Provider {
         match self {
             Self::Webhook(w) => w.send(notice, username).await,
             Self::Getui(g) => g.send(notice, username).await,
+            Self::Fcm(f) => f.send(notice, username).await,
+            Self::Apns(a) => a.send(notice, username).await,
+        }
+    }
+
+    /// Outcomes counted for this provider, so each series exists from the
+    /// start.
+    fn outcomes(&self) -> &'static [&'static str] {
+        match self {
+            Self::Webhook(_) | Self::Getui(_) => &["sent", "dropped", "retried"],
+            Self::Fcm(_) | Self::Apns(_) => &["sent", "dropped", "retried", "token_removed"],
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    #[error("no mobile-push provider configured: set notify.webhook.url or notify.getui.app_id")]
+    #[error(
+        "no mobile-push provider configured: set notify.webhook.url, notify.getui.app_id, notify.fcm.service_account_file or notify.apns.key_file"
+    )]
     NoProvider,
+    #[error("{key}: {reason}")]
+    Key { key: &'static str, reason: String },
     #[error("building the HTTP client: {0}")]
     Http(#[source] reqwest::Error),
     #[error(transparent)]
@@ -96,6 +155,15 @@ pub enum NotifyError {
     NoticeStream(#[from] resonance_task::dispatch::offline::NoticeStreamError),
     #[error(transparent)]
     Admin(#[from] telemetry::admin::AdminError),
+}
+
+impl NotifyError {
+    pub fn key(key: &'static str, reason: impl Into<String>) -> Self {
+        Self::Key {
+            key,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// The providers the configuration turns on.
@@ -118,13 +186,36 @@ pub fn providers(notify: &NotifyConfig, redis: &RedisClient) -> Result<Vec<Provi
     }
     if !notify.getui.app_id.is_empty() {
         providers.push(Provider::Getui(getui::Getui::new(
-            http,
+            http.clone(),
             &notify.getui,
             redis.clone(),
         )));
     }
+    if let Some(file) = &notify.fcm.service_account_file {
+        let account = fcm::ServiceAccount::read(file)?;
+        providers.push(Provider::Fcm(Box::new(fcm::Fcm::new(
+            http,
+            &notify.fcm,
+            account,
+            redis.clone(),
+            notify.request_timeout,
+        )?)));
+    }
+    if notify.apns.key_file.is_some() {
+        providers.push(Provider::Apns(Box::new(apns::Apns::new(
+            notify.request_timeout,
+            &notify.apns,
+            redis.clone(),
+        )?)));
+    }
     if providers.is_empty() {
         return Err(NotifyError::NoProvider);
+    }
+    for p in &providers {
+        for outcome in p.outcomes() {
+            metrics::counter!(telemetry::metrics::NOTIFY, "provider" => p.name(), "outcome" => *outcome)
+                .increment(0);
+        }
     }
     Ok(providers)
 }
@@ -157,8 +248,11 @@ pub fn sent_key(msg_id: i64) -> String {
 
 /// How long a notice's sent list is kept.
 const SENT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Recipients sent to at once per notice.
+/// Recipients sent to at once per notice and provider.
 const SENDS_IN_FLIGHT: usize = 16;
+/// The longest a provider's retry waits in-process; a longer wait (a
+/// `Retry-After`, say) is left to the notice's redelivery.
+const MAX_IN_PROCESS_WAIT: Duration = Duration::from_secs(5);
 
 pub struct NoticeHandler {
     providers: Vec<Provider>,
@@ -216,40 +310,84 @@ impl NoticeHandler {
             .map(|_| ())
     }
 
-    /// Sends what is left, retrying transient failures in-process; returns
-    /// the last transient failure if some are still unsent.
-    async fn send_all(&self, notice: &OfflineNotice) -> Result<(), String> {
-        let mut left = self.unsent(notice).await.map_err(|e| e.to_string())?;
+    /// Sends what is left, every provider on its own with its own
+    /// retries; on failure, what is still unsent and the earliest time a
+    /// provider asked to be tried again.
+    async fn send_all(&self, notice: &OfflineNotice) -> Result<(), (String, Option<Duration>)> {
+        let left = self
+            .unsent(notice)
+            .await
+            .map_err(|e| (e.to_string(), None))?;
         let deduplicated = self.providers.len() * notice.recipients.len() - left.len();
         if deduplicated > 0 {
             metrics::counter!(telemetry::metrics::NOTIFY, "provider" => "any", "outcome" => "deduplicated")
                 .increment(deduplicated as u64);
         }
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let mut last_error = String::new();
+        let mut by_provider = vec![Vec::new(); self.providers.len()];
+        for (p, user) in left {
+            by_provider[p].push(user);
+        }
+        let failures: Vec<(String, Option<Duration>)> = futures::future::join_all(
+            by_provider
+                .into_iter()
+                .enumerate()
+                .filter(|(_, users)| !users.is_empty())
+                .map(|(p, users)| self.send_with(notice, p, users)),
+        )
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let after = failures.iter().filter_map(|(_, a)| *a).max();
+        let reason = failures
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err((reason, after))
+    }
+
+    /// One provider's share of a notice, retrying transient failures
+    /// in-process while the wait is short.
+    async fn send_with(
+        &self,
+        notice: &OfflineNotice,
+        p: usize,
+        mut left: Vec<String>,
+    ) -> Result<(), (String, Option<Duration>)> {
+        let provider = self.providers[p].name();
+        let mut backoff = Backoff::new(Duration::from_millis(200), MAX_IN_PROCESS_WAIT);
+        let (mut last_error, mut asked) = (String::new(), None);
         for attempt in 0..=self.max_retry {
             if left.is_empty() {
                 return Ok(());
             }
             if attempt > 0 {
-                tokio::time::sleep(backoff.next_delay()).await;
+                let delay = backoff.next_delay().max(asked.unwrap_or_default());
+                if delay > MAX_IN_PROCESS_WAIT {
+                    // Too long to hold the notice: a redelivery comes back.
+                    break;
+                }
+                tokio::time::sleep(delay).await;
             }
-            let results: Vec<((usize, String), Delivery)> = futures::stream::iter(left)
-                .map(|(p, user)| async move {
+            let results: Vec<(String, Delivery)> = futures::stream::iter(left)
+                .map(|user| async move {
                     let d = self.providers[p].send(notice, &user).await;
-                    ((p, user), d)
+                    (user, d)
                 })
                 .buffer_unordered(SENDS_IN_FLIGHT)
                 .collect()
                 .await;
             let mut done = Vec::new();
-            left = Vec::new();
-            for ((p, user), delivery) in results {
-                let provider = self.providers[p].name();
+            (left, asked) = (Vec::new(), None);
+            for (user, delivery) in results {
                 let outcome = match &delivery {
                     Delivery::Sent => "sent",
                     Delivery::Dropped(_) => "dropped",
-                    Delivery::Retry(_) => "retried",
+                    Delivery::Retry { .. } => "retried",
                 };
                 metrics::counter!(telemetry::metrics::NOTIFY, "provider" => provider, "outcome" => outcome)
                     .increment(1);
@@ -259,10 +397,11 @@ impl NoticeHandler {
                         tracing::info!(msg_id = notice.msg_id, username = %user, provider, %reason, "mobile push dropped");
                         done.push((p, user));
                     }
-                    Delivery::Retry(reason) => {
+                    Delivery::Retry { reason, after } => {
                         tracing::debug!(msg_id = notice.msg_id, username = %user, provider, %reason, "mobile push will be retried");
                         last_error = reason;
-                        left.push((p, user));
+                        asked = asked.max(after);
+                        left.push(user);
                     }
                 }
             }
@@ -273,7 +412,10 @@ impl NoticeHandler {
         if left.is_empty() {
             Ok(())
         } else {
-            Err(format!("{} pushes not sent: {last_error}", left.len()))
+            Err((
+                format!("{provider}: {} pushes not sent: {last_error}", left.len()),
+                asked,
+            ))
         }
     }
 }
@@ -306,10 +448,10 @@ impl MessageHandler for NoticeHandler {
             };
             match sent {
                 Ok(()) => Decision::Ack,
-                Err(error) => {
-                    tracing::warn!(msg_id = notice.msg_id, delivery = attempt.delivery, %error, "notice will be redelivered");
+                Err((error, after)) => {
+                    tracing::warn!(msg_id = notice.msg_id, delivery = attempt.delivery, %error, retry_after = ?after, "notice will be redelivered");
                     Decision::Retry {
-                        delay: Duration::ZERO,
+                        delay: after.unwrap_or_default(),
                         reason: error,
                     }
                 }
@@ -395,5 +537,25 @@ mod tests {
         assert_eq!(title_and_body(&n), ("s-1".into(), "ann: hi".into()));
         n.session_name = "team".into();
         assert_eq!(title_and_body(&n).0, "team");
+    }
+
+    #[test]
+    fn tokens_are_renewed_before_they_expire() {
+        let day = 24 * 3600 * 1000;
+        let t = CachedToken {
+            value: "t".into(),
+            issued_ms: 0,
+            expires_ms: day,
+        };
+        assert!(!t.due(0));
+        assert!(!t.due(day - 300_001));
+        assert!(t.due(day - 300_000), "five minutes early at most");
+        let short = CachedToken {
+            value: "t".into(),
+            issued_ms: 0,
+            expires_ms: 10_000,
+        };
+        assert!(!short.due(8_999));
+        assert!(short.due(9_000), "in the last tenth of its life");
     }
 }

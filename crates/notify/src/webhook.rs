@@ -84,18 +84,24 @@ impl Webhook {
             .send()
             .await;
         match sent {
-            Err(e) => Delivery::Retry(format!("webhook {}: {e}", self.url)),
-            Ok(response) => by_status(response.status()),
+            Err(e) => Delivery::retry(format!("webhook {}: {e}", self.url)),
+            Ok(response) => by_status(
+                response.status(),
+                crate::devices::retry_after(response.headers()),
+            ),
         }
     }
 }
 
-fn by_status(status: reqwest::StatusCode) -> Delivery {
+fn by_status(status: reqwest::StatusCode, after: Option<std::time::Duration>) -> Delivery {
     let code = status.as_u16();
     if status.is_success() {
         Delivery::Sent
     } else if code == 408 || code == 429 || status.is_server_error() {
-        Delivery::Retry(format!("webhook answered {status}"))
+        Delivery::Retry {
+            reason: format!("webhook answered {status}"),
+            after,
+        }
     } else {
         Delivery::Dropped(format!("webhook refused it: {status}"))
     }
@@ -118,18 +124,18 @@ mod tests {
     #[test]
     fn statuses_map_to_retry_or_drop() {
         use reqwest::StatusCode as S;
-        assert_eq!(by_status(S::OK), Delivery::Sent);
-        assert_eq!(by_status(S::ACCEPTED), Delivery::Sent);
+        assert_eq!(by_status(S::OK, None), Delivery::Sent);
+        assert_eq!(by_status(S::ACCEPTED, None), Delivery::Sent);
         for s in [
             S::SERVICE_UNAVAILABLE,
             S::INTERNAL_SERVER_ERROR,
             S::TOO_MANY_REQUESTS,
             S::REQUEST_TIMEOUT,
         ] {
-            assert!(matches!(by_status(s), Delivery::Retry(_)), "{s}");
+            assert!(matches!(by_status(s, None), Delivery::Retry { .. }), "{s}");
         }
         for s in [S::BAD_REQUEST, S::UNAUTHORIZED, S::NOT_FOUND] {
-            assert!(matches!(by_status(s), Delivery::Dropped(_)), "{s}");
+            assert!(matches!(by_status(s, None), Delivery::Dropped(_)), "{s}");
         }
     }
 }

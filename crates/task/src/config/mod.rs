@@ -45,7 +45,7 @@ pub use self::dispatch::{DispatchConfig, IdCharset, LimitsConfig};
 pub use self::etcd::{EtcdConfig, GatewayServiceName, RegistryConfig};
 pub use self::gateway::{GatewayPoolConfig, PushProtocolChoice};
 pub use self::nats::NatsConfig;
-pub use self::notify::{GetuiConfig, NotifyConfig, WebhookConfig};
+pub use self::notify::{ApnsConfig, FcmConfig, GetuiConfig, NotifyConfig, WebhookConfig};
 pub use self::offline::OfflineConfig;
 pub use self::redis::RedisConfig;
 pub use self::secret::{Secret, SecretUrl};
@@ -303,6 +303,32 @@ mod tests {
             matches!(&one, ConfigError::Invalid { key, .. } if key == "redis.db"),
             "{one}"
         );
+    }
+
+    #[test]
+    fn fcm_and_apns_settings_are_checked_when_they_are_on() {
+        let err = load_yaml(
+            "notify:\n  fcm:\n    service_account_file: /nonexistent/sa.json\n    token_key: fcm\n    base_url: fcm.googleapis.com\n  apns:\n    key_file: /nonexistent/key.p8\n    key_id: short\n    team_id: TEAM123456\n    priority: 7\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for key in [
+            "notify.fcm.service_account_file",
+            "notify.fcm.token_key",
+            "notify.fcm.base_url",
+            "notify.apns.key_file",
+            "notify.apns.key_id",
+            "notify.apns.topic",
+            "notify.apns.priority",
+        ] {
+            assert!(
+                text.contains(&format!("`{key}`")),
+                "{key} missing in: {text}"
+            );
+        }
+        assert!(!text.contains("notify.apns.team_id"), "{text}");
+        // Off (no key file): nothing else is looked at.
+        load_yaml("notify:\n  apns:\n    key_id: short\n").unwrap();
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `notify`: the mobile-push worker's intake and its providers (a signed
-//! webhook, Getui). Read by the notify worker only.
+//! webhook, Getui, FCM, APNs). Read by the notify worker only.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +35,8 @@ pub struct NotifyConfig {
     pub request_timeout: Duration,
     pub webhook: WebhookConfig,
     pub getui: GetuiConfig,
+    pub fcm: FcmConfig,
+    pub apns: ApnsConfig,
 }
 
 impl Default for NotifyConfig {
@@ -51,6 +53,8 @@ impl Default for NotifyConfig {
             request_timeout: Duration::from_secs(5),
             webhook: WebhookConfig::default(),
             getui: GetuiConfig::default(),
+            fcm: FcmConfig::default(),
+            apns: ApnsConfig::default(),
         }
     }
 }
@@ -98,6 +102,91 @@ impl Default for GetuiConfig {
     }
 }
 
+/// Firebase Cloud Messaging, HTTP v1 API, authorised by a service account.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FcmConfig {
+    /// The service account's JSON key file (Firebase console, Project
+    /// settings, Service accounts). Unset: FCM off.
+    pub service_account_file: Option<PathBuf>,
+    /// Empty: the service account's `project_id`.
+    pub project_id: String,
+    /// API root; `/v1/projects/{project}/messages:send` is appended.
+    pub base_url: String,
+    /// OAuth2 token endpoint. Empty: the service account's `token_uri`.
+    pub token_url: String,
+    /// Redis set of a user's FCM registration tokens (`{username}`
+    /// replaced), one member per device.
+    pub token_key: String,
+    /// How long FCM keeps the notification for an offline phone.
+    #[serde(with = "super::duration")]
+    pub ttl: Duration,
+    /// Requests to FCM in flight at once, over all notices.
+    pub max_in_flight: usize,
+}
+
+impl Default for FcmConfig {
+    fn default() -> Self {
+        Self {
+            service_account_file: None,
+            project_id: String::new(),
+            base_url: "https://fcm.googleapis.com".into(),
+            token_url: String::new(),
+            token_key: "resonance:notify:fcm:{username}".into(),
+            ttl: Duration::from_secs(2 * 3600),
+            max_in_flight: 64,
+        }
+    }
+}
+
+/// Apple Push Notification service, token-based (a .p8 signing key).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApnsConfig {
+    /// The .p8 signing key (Apple Developer, Certificates, Identifiers &
+    /// Profiles, Keys). Unset: APNs off.
+    pub key_file: Option<PathBuf>,
+    /// The key's 10-character Key ID.
+    pub key_id: String,
+    /// The 10-character Team ID the key belongs to.
+    pub team_id: String,
+    /// The app's bundle id (`apns-topic`).
+    pub topic: String,
+    /// `https://api.push.apple.com`, or `https://api.sandbox.push.apple.com`
+    /// for development builds of the app.
+    pub base_url: String,
+    /// Redis set of a user's APNs device tokens (`{username}` replaced),
+    /// one member per device.
+    pub token_key: String,
+    /// `apns-push-type`.
+    pub push_type: String,
+    /// `apns-priority`: 10 delivers at once, 5 when the phone sees fit.
+    pub priority: u8,
+    /// How long APNs keeps the notification for an offline phone
+    /// (`apns-expiration`).
+    #[serde(with = "super::duration")]
+    pub ttl: Duration,
+    /// Requests to APNs in flight at once, over all notices.
+    pub max_in_flight: usize,
+}
+
+impl Default for ApnsConfig {
+    fn default() -> Self {
+        Self {
+            key_file: None,
+            key_id: String::new(),
+            team_id: String::new(),
+            topic: String::new(),
+            base_url: "https://api.push.apple.com".into(),
+            token_key: "resonance:notify:apns:{username}".into(),
+            push_type: "alert".into(),
+            priority: 10,
+            ttl: Duration::from_secs(2 * 3600),
+            max_in_flight: 64,
+        }
+    }
+}
+
 impl NotifyConfig {
     /// Its dead letters must not be the notices it consumes.
     pub(super) fn validate(&self, offline: &OfflineConfig, p: &mut Problems) {
@@ -125,16 +214,11 @@ impl NotifyConfig {
         if self.max_deliver < 1 {
             p.invalid("notify.max_deliver", "must be at least 1");
         }
-        let mut http = |key: &'static str, url: &str| {
-            if !url.starts_with("http://") && !url.starts_with("https://") {
-                p.invalid(key, format!("`{url}` is not an http:// or https:// URL"));
-            }
-        };
         if !self.webhook.url.is_empty() {
-            http("notify.webhook.url", &self.webhook.url);
+            http(p, "notify.webhook.url", &self.webhook.url);
         }
         if !self.getui.app_id.is_empty() {
-            http("notify.getui.base_url", &self.getui.base_url);
+            http(p, "notify.getui.base_url", &self.getui.base_url);
         }
         let missing = |s: &Option<Secret>| s.as_ref().is_none_or(|s| s.expose().is_empty());
         if !self.webhook.url.is_empty() && missing(&self.webhook.secret) {
@@ -155,5 +239,62 @@ impl NotifyConfig {
                 p.invalid("notify.getui.cid_key", "must contain `{username}`");
             }
         }
+        if let Some(file) = &self.fcm.service_account_file {
+            let fcm = &self.fcm;
+            readable(p, "notify.fcm.service_account_file", file);
+            http(p, "notify.fcm.base_url", &fcm.base_url);
+            if !fcm.token_url.is_empty() {
+                http(p, "notify.fcm.token_url", &fcm.token_url);
+            }
+            if !fcm.token_key.contains("{username}") {
+                p.invalid("notify.fcm.token_key", "must contain `{username}`");
+            }
+            p.check(positive("notify.fcm.ttl", fcm.ttl));
+            p.check(within(
+                "notify.fcm.max_in_flight",
+                fcm.max_in_flight,
+                1..=10_000,
+            ));
+        }
+        if let Some(file) = &self.apns.key_file {
+            let apns = &self.apns;
+            readable(p, "notify.apns.key_file", file);
+            http(p, "notify.apns.base_url", &apns.base_url);
+            for (key, value) in [
+                ("notify.apns.key_id", &apns.key_id),
+                ("notify.apns.team_id", &apns.team_id),
+            ] {
+                if value.len() != 10 || !value.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    p.invalid(key, format!("`{value}` is not 10 letters and digits"));
+                }
+            }
+            p.check(non_empty("notify.apns.topic", &apns.topic));
+            p.check(non_empty("notify.apns.push_type", &apns.push_type));
+            if ![1, 5, 10].contains(&apns.priority) {
+                p.invalid("notify.apns.priority", "must be 10, 5 or 1");
+            }
+            if !apns.token_key.contains("{username}") {
+                p.invalid("notify.apns.token_key", "must contain `{username}`");
+            }
+            p.check(positive("notify.apns.ttl", apns.ttl));
+            p.check(within(
+                "notify.apns.max_in_flight",
+                apns.max_in_flight,
+                1..=10_000,
+            ));
+        }
+    }
+}
+
+/// A key file that must be there at start-up.
+fn readable(p: &mut Problems, key: &'static str, file: &std::path::Path) {
+    if let Err(e) = std::fs::metadata(file) {
+        p.invalid(key, format!("{}: {e}", file.display()));
+    }
+}
+
+fn http(p: &mut Problems, key: &'static str, url: &str) {
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        p.invalid(key, format!("`{url}` is not an http:// or https:// URL"));
     }
 }

@@ -430,8 +430,8 @@ impl<H: MessageHandler> Intake<H> {
                 )
                 .await;
             let decision = match decision {
-                Decision::Retry { reason, .. } => {
-                    self.count_failure(stored, reason, delivery).await
+                Decision::Retry { reason, delay } => {
+                    self.count_failure(stored, reason, delivery, delay).await
                 }
                 d => d,
             };
@@ -472,12 +472,14 @@ impl<H: MessageHandler> Intake<H> {
     /// A failed attempt: counted, then retried later or, once
     /// `consumer.max_deliver` attempts have failed, dead-lettered. When the
     /// count cannot be kept (Redis is down too) the event is retried:
-    /// JetStream's ceiling still bounds it.
+    /// JetStream's ceiling still bounds it. The redelivery waits at least
+    /// `asked` (a handler that was told when to come back).
     async fn count_failure(
         &self,
         stored: Option<(u64, i128)>,
         reason: String,
         delivery: i64,
+        asked: Duration,
     ) -> Decision {
         let counted = match stored {
             Some((sequence, published_ns)) => {
@@ -488,14 +490,14 @@ impl<H: MessageHandler> Intake<H> {
         };
         match counted {
             Ok(failures) => Decision::Retry {
-                delay: redelivery_delay(&self.cfg, failures),
+                delay: redelivery_delay(&self.cfg, failures).max(asked),
                 reason,
             }
             .or_give_up(failures, self.cfg.max_deliver),
             Err(e) => {
                 tracing::warn!(error = %e, delivery, "failed attempt not counted; the event will be redelivered");
                 Decision::Retry {
-                    delay: redelivery_delay(&self.cfg, delivery),
+                    delay: redelivery_delay(&self.cfg, delivery).max(asked),
                     reason,
                 }
             }
