@@ -34,7 +34,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a task pod: consume push events and fan them out to gateways.
-    #[command(after_help = "Example:\n  resonance-task run --config config/task.yaml")]
+    #[command(
+        after_help = "Example (another pod beside a demo stack's; its admin port must be free):\n  RESONANCE_TASK__SERVICE__NAME=task-pod-3 RESONANCE_TASK__ADMIN__LISTEN=127.0.0.1:9393 resonance-task run"
+    )]
     Run,
     /// Print the effective configuration (secrets redacted) and exit.
     #[command(
@@ -43,20 +45,26 @@ enum Command {
     CheckConfig,
     /// Create the session tables (t_session, t_session_member) if missing.
     #[command(
-        after_help = "Example:\n  RESONANCE_TASK__DATABASE__URL=mysql://root@127.0.0.1/test resonance-task migrate"
+        after_help = "Examples:\n  resonance-task migrate\n  RESONANCE_TASK__DATABASE__URL=sqlite://sessions.db?mode=rwc resonance-task migrate"
     )]
     Migrate,
     /// Inspect and replay dead letters.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  resonance-task dlq list\n  resonance-task dlq replay --all --keep"
+    )]
     Dlq(DlqCommand),
     /// Run the mobile-push worker: offline notices to the configured
-    /// providers (webhook, Getui).
+    /// providers (webhook, Getui, FCM, APNs).
     #[command(
-        after_help = "Example:\n  RESONANCE_TASK__NOTIFY__WEBHOOK__URL=https://push.example/hook \\\n  RESONANCE_TASK__NOTIFY__WEBHOOK__SECRET_FILE=/run/secrets/hook resonance-task notify"
+        after_help = "Examples (each needs the provider's own endpoint or credentials):\n  RESONANCE_TASK__NOTIFY__WEBHOOK__URL=https://push.example/hook RESONANCE_TASK__NOTIFY__WEBHOOK__SECRET_FILE=/run/secrets/hook resonance-task notify\n  RESONANCE_TASK__NOTIFY__FCM__SERVICE_ACCOUNT_FILE=/run/secrets/fcm.json resonance-task notify"
     )]
     Notify,
     /// Messages parked for offline users.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  resonance-task offline count --user user-000042\n  resonance-task offline pull --user user-000042 --max 100"
+    )]
     Offline(OfflineCommand),
     #[cfg(feature = "devtools")]
     #[command(flatten)]
@@ -87,7 +95,9 @@ enum OfflineCommand {
 #[derive(Subcommand)]
 enum DlqCommand {
     /// List dead letters with reason, deliveries and age, and a count per reason.
-    #[command(after_help = "Example:\n  resonance-task dlq list")]
+    #[command(
+        after_help = "Examples:\n  resonance-task dlq list\n  resonance-task dlq list --notices --json"
+    )]
     List {
         /// One JSON object per dead letter instead of a table
         #[arg(long)]
@@ -98,7 +108,7 @@ enum DlqCommand {
     },
     /// Publish dead letters to the input subject again and remove them.
     #[command(
-        after_help = "Examples:\n  resonance-task dlq replay --all\n  resonance-task dlq replay --seq 12 --seq 15 --keep"
+        after_help = "Examples:\n  resonance-task dlq replay --all\n  resonance-task dlq replay --all --keep --notices\n\nOne dead letter: --seq with the SEQ `dlq list` shows (repeatable)."
     )]
     Replay {
         /// Stream sequence of a dead letter (repeatable)
