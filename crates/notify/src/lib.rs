@@ -239,6 +239,8 @@ pub fn consumer_config(config: &Config) -> ConsumerConfig {
         stream_max_age: Duration::from_secs(24 * 3600),
         dead_letter_topic: n.dead_letter_topic.clone(),
         dead_letter_stream: n.dead_letter_stream.clone(),
+        stream_replicas: config.consumer.stream_replicas,
+        stream_placement_tags: config.consumer.stream_placement_tags.clone(),
     }
 }
 
@@ -491,7 +493,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
     let js = async_nats::jetstream::new(nats.clone());
-    resonance_task::dispatch::offline::ensure_notice_stream(&js, &config.offline).await?;
+    resonance_task::dispatch::offline::ensure_notice_stream(
+        &js,
+        &config.offline,
+        &resonance_task::streams::Replication::of(&config.consumer),
+    )
+    .await?;
     let attempts = resonance_task::consumer::FailedAttempts::new(redis.clone(), SENT_TTL);
     let handler = Arc::new(NoticeHandler::new(
         providers,

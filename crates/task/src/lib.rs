@@ -40,6 +40,7 @@ pub mod refusal;
 pub mod registry;
 pub mod retry;
 pub mod store;
+pub mod streams;
 pub mod telemetry;
 pub mod tls;
 
@@ -178,8 +179,9 @@ impl Dependencies {
         };
         let notices = if config.offline.notice {
             let js = async_nats::jetstream::new(nats.clone());
+            let replication = streams::Replication::of(&config.consumer);
             let ensured = until_ready("offline notice stream", stop, || {
-                dispatch::offline::ensure_notice_stream(&js, &config.offline)
+                dispatch::offline::ensure_notice_stream(&js, &config.offline, &replication)
             })
             .await?;
             if ensured.is_none() {

@@ -88,13 +88,16 @@ pub async fn connect_with(
         })?;
     }
     let tls = &cfg.tls;
-    if tls.enabled
-        || cfg
-            .url
-            .expose()
-            .split(',')
-            .any(|u| u.trim().starts_with("tls://"))
-    {
+    // Every server of a cluster: the client starts at one and moves to
+    // another when it goes away.
+    let servers: Vec<&str> = cfg
+        .url
+        .expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if tls.enabled || servers.iter().any(|u| u.starts_with("tls://")) {
         options = options.require_tls(true);
     }
     if let Some(ca) = &tls.ca_file {
@@ -103,5 +106,5 @@ pub async fn connect_with(
     if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
-    options.connect(cfg.url.expose()).await
+    options.connect(servers.as_slice()).await
 }

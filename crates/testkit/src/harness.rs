@@ -185,19 +185,10 @@ impl Stack {
     /// Configuration of a pod wired to this stack, with short timeouts so
     /// failures show quickly.
     pub fn config(&self) -> Config {
-        let mut c = Config::default();
+        let mut c = quick_config(&self.db);
         c.nats.url = SecretUrl::new(self.nats_url());
         c.etcd.endpoints = vec![format!("http://127.0.0.1:{}", self.etcd.port)];
         c.redis.addr = format!("127.0.0.1:{}", self.redis.port);
-        c.database.url = SecretUrl::new(self.db.url.clone());
-        c.database.migrate_on_start = Some(true);
-        c.consumer.retry_interval = Duration::from_millis(500);
-        c.consumer.ack_wait = Duration::from_secs(10);
-        c.consumer.worker_count = 16;
-        c.gateway.request_timeout = Duration::from_secs(2);
-        c.gateway.max_backoff = Duration::from_millis(500);
-        c.log.level = "info".into();
-        c.admin.listen = ([127, 0, 0, 1], 0).into();
         c
     }
 
@@ -216,28 +207,7 @@ impl Stack {
     }
 
     pub fn gateway_options(&self, gateway_id: &str, users: &[&str]) -> ReferenceGatewayOptions {
-        let c = self.config();
-        ReferenceGatewayOptions {
-            gateway_id: gateway_id.into(),
-            instance_id: None,
-            grpc_listen: "127.0.0.1:0".parse().unwrap(),
-            advertise_host: "127.0.0.1".into(),
-            advertise_port: None,
-            http_listen: None,
-            users: users.iter().map(|u| u.to_string()).collect(),
-            write_routes: true,
-            etcd: c.etcd,
-            redis: c.redis,
-            namespace: c.registry.namespace,
-            service_name: c.gateway_service_name.0,
-            lease_ttl: Duration::from_secs(10),
-            reply_delay: Duration::ZERO,
-            refuse_streams: 0,
-            journal: None,
-            batch: true,
-            track_deliveries: true,
-            tls: None,
-        }
+        gateway_options(&self.config(), gateway_id, users)
     }
 
     pub async fn gateway(&self, gateway_id: &str, users: &[&str]) -> ReferenceGateway {
@@ -294,16 +264,119 @@ impl Stack {
     }
 
     pub async fn session(&self, store: &MemberStore, session_id: &str, members: &[&str]) {
-        store
-            .create_session(&SessionSeed {
-                session_id: session_id.into(),
-                kind: if members.len() == 2 { 1 } else { 2 },
-                name: session_id.into(),
-                owner: members[0].into(),
-                members: members.iter().map(|m| m.to_string()).collect(),
-            })
+        create_session(store, session_id, members).await;
+    }
+}
+
+/// A reference gateway's options wired to `c`'s etcd and Redis.
+pub fn gateway_options(c: &Config, gateway_id: &str, users: &[&str]) -> ReferenceGatewayOptions {
+    let c = c.clone();
+    ReferenceGatewayOptions {
+        gateway_id: gateway_id.into(),
+        instance_id: None,
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        advertise_host: "127.0.0.1".into(),
+        advertise_port: None,
+        http_listen: None,
+        users: users.iter().map(|u| u.to_string()).collect(),
+        write_routes: true,
+        etcd: c.etcd,
+        redis: c.redis,
+        namespace: c.registry.namespace,
+        service_name: c.gateway_service_name.0,
+        lease_ttl: Duration::from_secs(10),
+        reply_delay: Duration::ZERO,
+        refuse_streams: 0,
+        journal: None,
+        batch: true,
+        track_deliveries: true,
+        tls: None,
+    }
+}
+
+/// A session of `members` (one-to-one when there are two).
+pub async fn create_session(store: &MemberStore, session_id: &str, members: &[&str]) {
+    store
+        .create_session(&SessionSeed {
+            session_id: session_id.into(),
+            kind: if members.len() == 2 { 1 } else { 2 },
+            name: session_id.into(),
+            owner: members[0].into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        })
+        .await
+        .expect("session created");
+}
+
+/// The settings every test stack shares: short timeouts so failures show
+/// quickly, an admin port of the OS's choosing, the test's database.
+fn quick_config(db: &TestDb) -> Config {
+    let mut c = Config::default();
+    c.database.url = SecretUrl::new(db.url.clone());
+    c.database.migrate_on_start = Some(true);
+    c.consumer.retry_interval = Duration::from_millis(500);
+    c.consumer.ack_wait = Duration::from_secs(10);
+    c.consumer.worker_count = 16;
+    c.gateway.request_timeout = Duration::from_secs(2);
+    c.gateway.max_backoff = Duration::from_millis(500);
+    c.log.level = "info".into();
+    c.admin.listen = ([127, 0, 0, 1], 0).into();
+    c
+}
+
+/// The clustered stack: 3 NATS nodes with JetStream, a Redis Cluster of 3
+/// masters and 3 replicas, 3 etcd members, and a database; pods use R3
+/// streams.
+pub struct ClusterStack {
+    pub nats: crate::cluster::NatsCluster,
+    pub redis: crate::cluster::RedisCluster,
+    pub etcd: crate::cluster::EtcdCluster,
+    pub db: TestDb,
+}
+
+impl ClusterStack {
+    pub async fn start() -> Self {
+        let (nats, redis, etcd) = tokio::join!(
+            crate::cluster::NatsCluster::start(3),
+            crate::cluster::RedisCluster::start(3),
+            crate::cluster::EtcdCluster::start(3)
+        );
+        Self {
+            nats: nats.expect("NATS cluster forms"),
+            redis: redis.expect("Redis Cluster forms"),
+            etcd: etcd.expect("etcd cluster forms"),
+            db: TestDb::sqlite(),
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        let mut c = quick_config(&self.db);
+        c.nats.url = SecretUrl::new(self.nats.url());
+        c.etcd.endpoints = self.etcd.endpoints();
+        c.redis.cluster_addrs = self.redis.addrs();
+        c.consumer.stream_replicas = 3;
+        c
+    }
+
+    /// A NATS client that knows every node.
+    pub async fn nats(&self) -> async_nats::Client {
+        async_nats::connect(self.nats.urls().as_slice())
             .await
-            .expect("session created");
+            .expect("test NATS cluster reachable")
+    }
+
+    /// A NATS client and an in-process pod that has bound its consumer.
+    pub async fn pod(&self, config: &Config) -> (async_nats::Client, Pod) {
+        let nats = self.nats().await;
+        let pod = Pod::start(config.clone());
+        wait_consuming(&nats, config).await;
+        (nats, pod)
+    }
+
+    pub async fn gateway(&self, gateway_id: &str, users: &[&str]) -> ReferenceGateway {
+        ReferenceGateway::start(gateway_options(&self.config(), gateway_id, users))
+            .await
+            .expect("reference gateway starts")
     }
 }
 

@@ -1,6 +1,7 @@
 //! What tests and developer tools stand on: private `nats-server -js`,
 //! `etcd` and `redis-server` processes on free loopback ports in their own
-//! temp dirs (`servers`), a TCP proxy that cuts, stalls or resets the
+//! temp dirs (`servers`), the same clustered (`cluster`: 3 NATS nodes, a
+//! Redis Cluster of 3 masters and 3 replicas, 3 etcd members), a TCP proxy that cuts, stalls or resets the
 //! connections through it (`fault_proxy`), development certificates
 //! (`certs`), and the integration harness (`harness`): per-test SQL
 //! databases on SQLite, MariaDB and PostgreSQL, a whole stack of servers,
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod cluster;
 pub mod fault_proxy;
 pub mod harness;
 pub mod servers;

@@ -95,9 +95,23 @@ impl LocalServer {
         health: Option<&'static str>,
         args: impl FnOnce(&TempDir, u16) -> Vec<String>,
     ) -> Result<Self, StackError> {
+        let mut server = Self::prepared(what, program, package, health, free_port(), args)?;
+        server.start().await?;
+        Ok(server)
+    }
+
+    /// A server on `port`, set up but not started: members of a cluster
+    /// must all know each other's ports before any of them starts.
+    pub(crate) fn prepared(
+        what: &'static str,
+        program: &'static str,
+        package: &'static str,
+        health: Option<&'static str>,
+        port: u16,
+        args: impl FnOnce(&TempDir, u16) -> Vec<String>,
+    ) -> Result<Self, StackError> {
         let dir = tempfile::tempdir().map_err(StackError::TempDir)?;
-        let port = free_port();
-        let mut server = Self {
+        Ok(Self {
             what,
             program: program.to_string(),
             package,
@@ -107,9 +121,12 @@ impl LocalServer {
             health,
             child: None,
             dir,
-        };
-        server.start().await?;
-        Ok(server)
+        })
+    }
+
+    /// Whether the process was started and not killed or stopped since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Any program, e.g. this project's own binary as a pod or gateway;

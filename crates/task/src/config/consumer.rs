@@ -60,6 +60,15 @@ pub struct ConsumerConfig {
     pub dead_letter_topic: String,
     /// JetStream stream that keeps dead letters for inspection and replay.
     pub dead_letter_stream: String,
+    /// Copies of every stream this service creates (input, dead letters,
+    /// offline notices, notice dead letters) on separate NATS servers:
+    /// 3 survives the loss of one server of a 3-node cluster. At most the
+    /// cluster's JetStream servers; 1 on a single server. An existing
+    /// stream with another count is updated.
+    pub stream_replicas: usize,
+    /// Only servers carrying all these tags (`server_tags` in their
+    /// configuration) take a replica; empty: any.
+    pub stream_placement_tags: Vec<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -78,6 +87,8 @@ impl Default for ConsumerConfig {
             max_deliver: 10,
             delivery_ceiling: 100,
             stream_max_age: Duration::from_secs(7 * 24 * 3600),
+            stream_replicas: 1,
+            stream_placement_tags: Vec::new(),
             dead_letter_topic: "resonance.push.dead.v1".into(),
             dead_letter_stream: "RESONANCE_PUSH_DEAD".into(),
         }
@@ -175,6 +186,22 @@ impl ConsumerConfig {
             self.worker_count,
             1..=100_000,
         ));
+        // JetStream's own bound.
+        p.check(within(
+            "consumer.stream_replicas",
+            self.stream_replicas,
+            1..=5,
+        ));
+        if self
+            .stream_placement_tags
+            .iter()
+            .any(|t| t.trim().is_empty())
+        {
+            p.invalid(
+                "consumer.stream_placement_tags",
+                "must not hold an empty tag",
+            );
+        }
         p.check(positive("consumer.retry_interval", self.retry_interval));
         if self.retry_backoff_max < self.retry_interval {
             p.invalid(

@@ -93,14 +93,18 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     cfg: &ConsumerConfig,
 ) -> Result<(), DeadLetterError> {
-    js.get_or_create_stream(stream::Config {
-        name: cfg.dead_letter_stream.clone(),
-        subjects: vec![cfg.dead_letter_topic.clone()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        max_age: RETENTION,
-        ..Default::default()
-    })
+    crate::streams::ensure(
+        js,
+        stream::Config {
+            name: cfg.dead_letter_stream.clone(),
+            subjects: vec![cfg.dead_letter_topic.clone()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: RETENTION,
+            ..Default::default()
+        },
+        &crate::streams::Replication::of(cfg),
+    )
     .await
     .map_err(|e| DeadLetterError::Stream {
         stream: cfg.dead_letter_stream.clone(),

@@ -78,17 +78,20 @@ pub async fn ensure(
         stream: cfg.stream.clone(),
         cause,
     };
-    let mut stream = js
-        .get_or_create_stream(stream::Config {
+    let mut stream = crate::streams::ensure(
+        js,
+        stream::Config {
             name: cfg.stream.clone(),
             subjects: vec![cfg.topic.clone()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_age: cfg.stream_max_age,
             ..Default::default()
-        })
-        .await
-        .map_err(|e| stream_err(e.into()))?;
+        },
+        &crate::streams::Replication::of(cfg),
+    )
+    .await
+    .map_err(|e| stream_err(e.into()))?;
     let subjects = stream
         .info()
         .await

@@ -66,15 +66,20 @@ pub struct OfflineDelivery {
 pub async fn ensure_notice_stream(
     js: &jetstream::Context,
     cfg: &OfflineConfig,
+    replication: &crate::streams::Replication,
 ) -> Result<(), NoticeStreamError> {
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: cfg.notice_stream.clone(),
-        subjects: vec![cfg.notice_topic.clone()],
-        retention: jetstream::stream::RetentionPolicy::WorkQueue,
-        storage: jetstream::stream::StorageType::File,
-        max_age: std::time::Duration::from_secs(24 * 3600),
-        ..Default::default()
-    })
+    crate::streams::ensure(
+        js,
+        jetstream::stream::Config {
+            name: cfg.notice_stream.clone(),
+            subjects: vec![cfg.notice_topic.clone()],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: jetstream::stream::StorageType::File,
+            max_age: std::time::Duration::from_secs(24 * 3600),
+            ..Default::default()
+        },
+        replication,
+    )
     .await
     .map(|_| ())
     .map_err(|cause| NoticeStreamError {
@@ -88,7 +93,7 @@ pub async fn ensure_notice_stream(
 pub struct NoticeStreamError {
     stream: String,
     #[source]
-    cause: jetstream::context::CreateStreamError,
+    cause: crate::streams::StreamError,
 }
 
 impl crate::refusal::Refusal for NoticeStreamError {

@@ -2,6 +2,11 @@
 //! `redis.cluster_addrs`. Both variants multiplex many concurrent commands
 //! on few connections and reconnect on their own; a command issued while
 //! Redis is down fails fast instead of queueing without bound.
+//!
+//! On a cluster, a command that times out or loses its connection (a
+//! master died and its replica is taking over) also has the cluster
+//! connection rebuilt from the configured nodes, at most once a second:
+//! the client library's own recovery can stay stuck on the dead master.
 
 use std::time::Duration;
 
@@ -39,7 +44,57 @@ impl crate::refusal::Refusal for RedisError {
 #[derive(Clone)]
 enum Connection {
     Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(std::sync::Arc<Cluster>),
+}
+
+/// A cluster connection that can be replaced by a fresh one.
+struct Cluster {
+    client: redis::cluster::ClusterClient,
+    current: std::sync::RwLock<ClusterConnection>,
+    /// When it was last rebuilt; one rebuild at a time.
+    rebuilt: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// Rebuilds at most this often.
+const REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Cluster {
+    fn connection(&self) -> ClusterConnection {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After `error`: a new connection (fresh slot map, fresh sockets) when
+    /// the error says the node is gone or silent.
+    async fn recover(&self, error: &redis::RedisError) {
+        if !(error.is_timeout() || error.is_io_error() || error.is_connection_dropped()) {
+            return;
+        }
+        let mut rebuilt = self.rebuilt.lock().await;
+        if rebuilt.is_some_and(|at| at.elapsed() < REBUILD_INTERVAL) {
+            return;
+        }
+        *rebuilt = Some(tokio::time::Instant::now());
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_connection()).await {
+            Ok(Ok(fresh)) => {
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                tracing::warn!(%error, "Redis Cluster connection rebuilt");
+                metrics::counter!(crate::telemetry::metrics::RECONNECTS, "dependency" => "redis")
+                    .increment(1);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%error, rebuild_error = %e, "Redis Cluster connection not rebuilt; trying again")
+            }
+            Err(_) => {
+                tracing::warn!(%error, "Redis Cluster connection not rebuilt in time; trying again")
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -180,7 +235,11 @@ impl RedisClient {
         let client = builder.build().map_err(err)?;
         let conn = client.get_async_connection().await.map_err(err)?;
         Ok(Self {
-            connection: Connection::Cluster(conn),
+            connection: Connection::Cluster(std::sync::Arc::new(Cluster {
+                client,
+                current: std::sync::RwLock::new(conn),
+                rebuilt: tokio::sync::Mutex::new(None),
+            })),
             addr,
         })
     }
@@ -197,7 +256,13 @@ impl RedisClient {
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
         let result = match &self.connection {
             Connection::Standalone(c) => cmd.query_async(&mut c.clone()).await,
-            Connection::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            Connection::Cluster(c) => {
+                let result = cmd.query_async(&mut c.connection()).await;
+                if let Err(e) = &result {
+                    c.recover(e).await;
+                }
+                result
+            }
         };
         result.map_err(|e| self.err(e))
     }
@@ -299,7 +364,13 @@ impl RedisClient {
     pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, RedisError> {
         let result = match &self.connection {
             Connection::Standalone(c) => pipe.query_async(&mut c.clone()).await,
-            Connection::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+            Connection::Cluster(c) => {
+                let result = pipe.query_async(&mut c.connection()).await;
+                if let Err(e) = &result {
+                    c.recover(e).await;
+                }
+                result
+            }
         };
         result.map_err(|e| self.err(e))
     }
