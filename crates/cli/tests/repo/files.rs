@@ -148,6 +148,47 @@ fn compose_stack_parses_and_matches_the_code() {
         mounts >= 4,
         "migrations, prometheus and grafana files are mounted"
     );
+    // The `cluster` profile: three NATS nodes, six Redis nodes made a
+    // cluster, three etcd members, and a pod and a gateway on them alone.
+    let clustered: Vec<&str> = services
+        .iter()
+        .filter(|(_, s)| {
+            s["profiles"]
+                .as_sequence()
+                .is_some_and(|p| p.iter().any(|p| p == "cluster"))
+        })
+        .map(|(name, _)| name.as_str().unwrap())
+        .collect();
+    for name in [
+        "nats-1",
+        "nats-2",
+        "nats-3",
+        "redis-c1",
+        "redis-c6",
+        "redis-cluster-init",
+        "etcd-1",
+        "etcd-3",
+        "task-c1",
+        "gateway-c1",
+    ] {
+        assert!(clustered.contains(&name), "{name} in the cluster profile");
+    }
+    let env = |name: &str| -> Vec<(String, String)> {
+        services[name]["environment"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
+            .collect()
+    };
+    let pod = load_with_env(None, &env("task-c1")).unwrap();
+    assert_eq!(pod.consumer.stream_replicas, 3);
+    assert_eq!(pod.nats.url.expose().split(',').count(), 3);
+    assert_eq!(pod.redis.cluster_addrs.len(), 6);
+    assert_eq!(pod.etcd.endpoints.len(), 3);
+    let gateway = load_with_env(None, &env("gateway-c1")).unwrap();
+    assert_eq!(gateway.redis.cluster_addrs, pod.redis.cluster_addrs);
+
     let prometheus = &yaml_docs("deploy/prometheus/prometheus.yml")[0];
     let targets = serde_yaml::to_string(&prometheus["scrape_configs"]).unwrap();
     for target in [
@@ -247,6 +288,17 @@ fn kubernetes_manifests_match_the_code() {
             "{probe} path {path} is served"
         );
     }
+    // The clustered variant: same pods, the engines' clusters, R3 streams.
+    let clustered = yaml_docs("deploy/kubernetes/cluster/configmap.yaml");
+    assert_eq!(clustered[0]["metadata"]["name"], "resonance-task");
+    let clustered = load_with_env(clustered[0]["data"]["task.yaml"].as_str(), &env)
+        .expect("the clustered ConfigMap and env make a valid configuration");
+    assert_eq!(clustered.consumer.stream_replicas, 3);
+    assert_eq!(clustered.nats.url.expose().split(',').count(), 3);
+    assert_eq!(clustered.redis.cluster_addrs.len(), 6);
+    assert_eq!(clustered.etcd.endpoints.len(), 3);
+    assert_eq!(clustered.admin.listen, config.admin.listen);
+
     let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap();
