@@ -14,6 +14,13 @@
 //! compares what the gateways received with what was expected and what the
 //! dead-letter stream holds: every event delivered to every online member
 //! or dead-lettered with a reason.
+//!
+//! With `cluster` the engines are clustered (3 NATS nodes with R3 streams,
+//! a Redis Cluster of 3 masters and 3 replicas, 3 etcd members) and, in
+//! place of the single servers' restarts, the run SIGKILLs the NATS node
+//! leading the input stream, a Redis master and the etcd leader (each
+//! started again a fault gap later, to rejoin); the other faults are the
+//! same.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -38,6 +45,7 @@ use resonance_task::lifecycle::Lifecycle;
 use resonance_task::registry::GatewayRegistry;
 use resonance_task::retry::Backoff;
 use resonance_task::store::{MemberStore, RedisClient, RouteStore, connect_database, migrate};
+use resonance_testkit::cluster::{EtcdCluster, NatsCluster, RedisCluster};
 use resonance_testkit::fault_proxy::{FaultProxy, ProxyMode};
 use resonance_testkit::servers::{self, LocalServer, StackError, free_port};
 
@@ -60,6 +68,8 @@ pub struct ChaosOptions {
     pub poison_every: usize,
     pub settle_timeout: Duration,
     pub rng_seed: u64,
+    /// Clustered engines, their nodes killed in turn.
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,6 +104,8 @@ pub struct ChaosReport {
     pub duplicates_before_rolling_restarts: u64,
     pub faults_injected: usize,
     pub faults: Vec<String>,
+    /// Nodes of clustered engines killed (0 on single servers).
+    pub node_kills: usize,
     pub elapsed_s: f64,
 }
 
@@ -112,7 +124,7 @@ impl ChaosReport {
 
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "events published      {}\nexpected deliveries   {}\ndelivered             {}\nlost                  {}\nduplicates            {} ({:.4}%)\nunexpected            {}\ndead-lettered         {} ({} of {} poison payloads, {} valid events)\nstranded              {}\naudit                 stream holds {}, consumer pending {}, unacked {}\nrolling restarts      {} (duplicates before them: {})\nfaults injected       {}\nwall time             {:.1} s\n",
+            "events published      {}\nexpected deliveries   {}\ndelivered             {}\nlost                  {}\nduplicates            {} ({:.4}%)\nunexpected            {}\ndead-lettered         {} ({} of {} poison payloads, {} valid events)\nstranded              {}\naudit                 stream holds {}, consumer pending {}, unacked {}\nrolling restarts      {} (duplicates before them: {})\nfaults injected       {} ({} node kills)\nwall time             {:.1} s\n",
             self.events,
             self.expected,
             self.delivered,
@@ -131,6 +143,7 @@ impl ChaosReport {
             self.rolling_restarts,
             self.duplicates_before_rolling_restarts,
             self.faults_injected,
+            self.node_kills,
             self.elapsed_s
         );
         for f in &self.faults {
@@ -217,17 +230,29 @@ async fn admin(url: &str, sql: &str) -> Result<(), ChaosError> {
 /// machine).
 pub(crate) fn env_for(config: &Config) -> Vec<(String, String)> {
     let c = config;
-    [
+    let redis = if c.redis.cluster_addrs.is_empty() {
+        ("REDIS__ADDR", c.redis.addr.clone())
+    } else {
+        ("REDIS__CLUSTER_ADDRS", c.redis.cluster_addrs.join(","))
+    };
+    let mut env = vec![
         ("NATS__URL", c.nats.url.expose().to_string()),
         ("ETCD__ENDPOINTS", c.etcd.endpoints.join(",")),
-        ("REDIS__ADDR", c.redis.addr.clone()),
+        redis,
         ("DATABASE__URL", c.database.url.expose().to_string()),
         ("LOG__LEVEL", "info".into()),
         ("ADMIN__LISTEN", "127.0.0.1:0".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("{}{k}", resonance_task::config::ENV_PREFIX), v))
-    .collect()
+    ];
+    if c.consumer.stream_replicas != 1 {
+        // How the streams are replicated is part of where they are.
+        env.push((
+            "CONSUMER__STREAM_REPLICAS",
+            c.consumer.stream_replicas.to_string(),
+        ));
+    }
+    env.into_iter()
+        .map(|(k, v)| (format!("{}{k}", resonance_task::config::ENV_PREFIX), v))
+        .collect()
 }
 
 struct Gateway {
@@ -348,23 +373,35 @@ fn fingerprint(payload: &[u8]) -> u64 {
 
 pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     let started = tokio::time::Instant::now();
-    let (nats, etcd, redis) = tokio::join!(
-        servers::nats_server(),
-        servers::etcd_server(),
-        servers::redis_server_persistent()
-    );
-    let (mut nats, mut etcd, mut redis) = (nats?, etcd?, redis?);
+    let engines = if opts.cluster {
+        let (nats, etcd, redis) = tokio::join!(
+            NatsCluster::start(3),
+            EtcdCluster::start(3),
+            RedisCluster::start(3)
+        );
+        Engines::Cluster {
+            nats: nats?,
+            etcd: etcd?,
+            redis: redis?,
+        }
+    } else {
+        let (nats, etcd, redis) = tokio::join!(
+            servers::nats_server(),
+            servers::etcd_server(),
+            servers::redis_server_persistent()
+        );
+        Engines::Single {
+            nats: nats?,
+            etcd: etcd?,
+            redis: redis?,
+        }
+    };
     let database = ScratchDatabase::create(&opts.postgres_admin_url).await?;
     let pg_port = url_port(&opts.postgres_admin_url).unwrap_or(5432);
     let sql_proxy = FaultProxy::start(([127, 0, 0, 1], pg_port).into())
         .await
         .map_err(setup)?;
-    let servers = Servers {
-        nats: &mut nats,
-        etcd: &mut etcd,
-        redis: &mut redis,
-        sql_proxy: &sql_proxy,
-    };
+    let servers = Servers { engines, sql_proxy };
     let result = run_with(&opts, servers, &database, started).await;
     database.drop_it().await;
     result
@@ -376,25 +413,112 @@ fn url_port(url: &str) -> Option<u16> {
     host.rsplit_once(':')?.1.parse().ok()
 }
 
-/// The private servers a run breaks.
-struct Servers<'a> {
-    nats: &'a mut LocalServer,
-    etcd: &'a mut LocalServer,
-    redis: &'a mut LocalServer,
-    /// Between the pods and PostgreSQL.
-    sql_proxy: &'a FaultProxy,
+/// NATS, etcd and Redis of a run: single servers or clusters.
+enum Engines {
+    Single {
+        nats: LocalServer,
+        etcd: LocalServer,
+        redis: LocalServer,
+    },
+    Cluster {
+        nats: NatsCluster,
+        etcd: EtcdCluster,
+        redis: RedisCluster,
+    },
 }
 
-impl Servers<'_> {
+/// The private servers a run breaks.
+struct Servers {
+    engines: Engines,
+    /// Between the pods and PostgreSQL.
+    sql_proxy: FaultProxy,
+}
+
+impl Servers {
     /// The shipped defaults, pointed at these servers (SQL through the
-    /// proxy).
+    /// proxy); clustered engines replicate every stream three times.
     fn config(&self, database: &ScratchDatabase) -> Config {
         let mut config = Config::default();
-        config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", self.nats.port));
-        config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", self.etcd.port)];
-        config.redis.addr = format!("127.0.0.1:{}", self.redis.port);
+        match &self.engines {
+            Engines::Single { nats, etcd, redis } => {
+                config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
+                config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
+                config.redis.addr = format!("127.0.0.1:{}", redis.port);
+            }
+            Engines::Cluster { nats, etcd, redis } => {
+                config.nats.url = SecretUrl::new(nats.url());
+                config.etcd.endpoints = etcd.endpoints();
+                config.redis.cluster_addrs = redis.addrs();
+                config.consumer.stream_replicas = 3;
+            }
+        }
         config.database.url = SecretUrl::new(database.url(Some(self.sql_proxy.addr.port())));
         config
+    }
+
+    /// Breaks NATS, Redis and etcd in turn, `gap` apart: single servers
+    /// are restarted; of clusters, the stream's leader node, a Redis master
+    /// and the etcd leader are killed and started again a gap later.
+    /// Returns the node kills.
+    async fn break_engines(
+        &mut self,
+        gap: Duration,
+        client: &async_nats::Client,
+        config: &Config,
+        fault: &mut impl FnMut(String),
+    ) -> Result<usize, ChaosError> {
+        match &mut self.engines {
+            Engines::Single { nats, etcd, redis } => {
+                fault("restart NATS (SIGKILL)".into());
+                nats.kill();
+                nats.start().await?;
+                tokio::time::sleep(gap).await;
+                fault("restart Redis (SIGTERM)".into());
+                redis.stop().await;
+                redis.start().await?;
+                tokio::time::sleep(gap).await;
+                fault("restart etcd (SIGKILL)".into());
+                etcd.kill();
+                etcd.start().await?;
+                Ok(0)
+            }
+            Engines::Cluster { nats, etcd, redis } => {
+                let (leader, _) = nats
+                    .stream_peers(client, &config.consumer.stream)
+                    .await
+                    .ok_or_else(|| setup("the input stream has no leader"))?;
+                fault(format!(
+                    "SIGKILL NATS node {} (leads {})",
+                    NatsCluster::name(leader),
+                    config.consumer.stream
+                ));
+                nats.nodes[leader].kill();
+                tokio::time::sleep(gap).await;
+                nats.nodes[leader].start().await?;
+                tokio::time::sleep(gap).await;
+                let master = redis.master_of("resonance:router:user:user-000000").await?;
+                fault(format!(
+                    "SIGKILL Redis master :{} (its replica takes over)",
+                    redis.nodes[master].port
+                ));
+                redis.nodes[master].kill();
+                // Back only once replaced: a master that returns before
+                // its replica took over keeps its slots.
+                redis.wait_replaced(master).await?;
+                tokio::time::sleep(gap).await;
+                redis.nodes[master].start().await?;
+                tokio::time::sleep(gap).await;
+                let leader = etcd
+                    .leader()
+                    .await
+                    .ok_or_else(|| setup("etcd has no leader"))?;
+                fault(format!("SIGKILL etcd leader e{}", leader + 1));
+                etcd.members[leader].kill();
+                tokio::time::sleep(gap).await;
+                etcd.members[leader].start().await?;
+                Ok(3)
+            }
+        }
     }
 }
 
@@ -559,30 +683,23 @@ async fn seed_sessions(
 }
 
 /// Breaks every dependency in turn, `opts.fault_gap` apart: a pod, NATS,
-/// Redis, etcd, SQL, a gateway killed, a gateway stalled.
+/// Redis, etcd, SQL, a gateway killed, a gateway stalled. Returns the node
+/// kills of clustered engines.
 async fn inject_faults(
     opts: &ChaosOptions,
-    servers: &mut Servers<'_>,
+    servers: &mut Servers,
     fleet: &mut Fleet,
+    client: &async_nats::Client,
+    config: &Config,
     fault: &mut impl FnMut(String),
-) -> Result<(), ChaosError> {
+) -> Result<usize, ChaosError> {
     let gap = opts.fault_gap;
     tokio::time::sleep(gap).await;
     fault("SIGKILL pod 1, start pod 3".into());
     fleet.pods[0].kill();
     fleet.pods.push(start_pod(opts, &fleet.env, 3).await?);
     tokio::time::sleep(gap).await;
-    fault("restart NATS (SIGKILL)".into());
-    servers.nats.kill();
-    servers.nats.start().await?;
-    tokio::time::sleep(gap).await;
-    fault("restart Redis (SIGTERM)".into());
-    servers.redis.stop().await;
-    servers.redis.start().await?;
-    tokio::time::sleep(gap).await;
-    fault("restart etcd (SIGKILL)".into());
-    servers.etcd.kill();
-    servers.etcd.start().await?;
+    let node_kills = servers.break_engines(gap, client, config, fault).await?;
     tokio::time::sleep(gap).await;
     fault(format!("cut SQL for {:?}", opts.sql_cut));
     servers.sql_proxy.set(ProxyMode::Cut);
@@ -603,7 +720,7 @@ async fn inject_faults(
         servers::signal(pid, "CONT").map_err(setup)?;
     }
     tokio::time::sleep(gap).await;
-    Ok(())
+    Ok(node_kills)
 }
 
 /// What the dead letters say about the run.
@@ -643,7 +760,7 @@ async fn count_dead_letters(
 
 async fn run_with(
     opts: &ChaosOptions,
-    mut servers: Servers<'_>,
+    mut servers: Servers,
     database: &ScratchDatabase,
     started: tokio::time::Instant,
 ) -> Result<ChaosReport, ChaosError> {
@@ -681,7 +798,8 @@ async fn run_with(
         eprintln!("chaos: t={:>5.1}s {name}", started.elapsed().as_secs_f64());
         faults.push(name);
     };
-    inject_faults(opts, &mut servers, &mut fleet, &mut fault).await?;
+    let node_kills =
+        inject_faults(opts, &mut servers, &mut fleet, &client, &config, &mut fault).await?;
     let duplicates_before_rolling_restarts = expectation.compare(&stats.fetch().await?).duplicates;
     let rolling_restarts = rolling_restart(
         opts,
@@ -734,6 +852,7 @@ async fn run_with(
         duplicates_before_rolling_restarts,
         faults_injected: faults.len(),
         faults,
+        node_kills,
         elapsed_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     })
 }

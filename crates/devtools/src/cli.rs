@@ -50,7 +50,7 @@ pub enum DevCommand {
     /// Fault-injection run: workload through pods and gateways while every
     /// dependency fails in turn; reports lost, duplicates, dead letters.
     #[command(
-        after_help = "Example:\n  resonance-task chaos --json\n\nNeeds nats-server, etcd, redis-server and a PostgreSQL it may create a database in."
+        after_help = "Examples:\n  resonance-task chaos --json\n  resonance-task chaos --cluster --json\n\nNeeds nats-server, etcd, redis-server and a PostgreSQL it may create a database in."
     )]
     Chaos(ChaosArgs),
     /// Publish a sample load to seeded sessions and report what arrived.
@@ -197,6 +197,10 @@ pub struct ChaosArgs {
     /// Print the report as one JSON object on the last line
     #[arg(long)]
     json: bool,
+    /// Clustered engines (3 NATS nodes with R3 streams, a Redis Cluster of
+    /// 3 masters and 3 replicas, 3 etcd members); a node of each is killed
+    #[arg(long)]
+    cluster: bool,
 }
 
 #[derive(Args)]
@@ -380,6 +384,7 @@ async fn run_chaos(args: ChaosArgs) -> Result<()> {
         poison_every: args.poison_every,
         settle_timeout: Duration::from_secs(args.settle_timeout),
         rng_seed: args.rng_seed,
+        cluster: args.cluster,
     };
     let report = chaos::run(opts).await?;
     print!("{}", report.to_text());

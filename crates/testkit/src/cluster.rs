@@ -190,10 +190,12 @@ impl RedisCluster {
                             // replica that never synced cannot take over.
                             "--repl-diskless-sync-delay",
                             "0",
+                            // As a production cluster keeps its data: a
+                            // restarted node comes back with what it had.
                             "--save",
                             "",
                             "--appendonly",
-                            "no",
+                            "yes",
                             "--dir",
                             &dir.path().display().to_string(),
                         ]
@@ -275,6 +277,34 @@ impl RedisCluster {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(formed_too_late("a Redis Cluster", self.nodes[0].port));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the running nodes see every slot served by masters
+    /// other than `gone` (its replica has taken over).
+    pub async fn wait_replaced(&self, gone: usize) -> Result<(), StackError> {
+        let port = self.nodes[gone].port;
+        let deadline = tokio::time::Instant::now() + FORM_TIMEOUT;
+        loop {
+            let mut replaced = true;
+            for i in self.live().collect::<Vec<_>>() {
+                let covered: u32 = self
+                    .nodes_seen_by(i)
+                    .await?
+                    .iter()
+                    .filter(|n| n.master && !n.failed && n.port != port)
+                    .flat_map(|n| n.slots.iter())
+                    .map(|(a, b)| u32::from(b - a) + 1)
+                    .sum();
+                replaced &= covered == 16384;
+            }
+            if replaced {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(formed_too_late("a Redis Cluster failover", port));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use resonance_devtools::chaos::{ChaosOptions, run};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_chaos_run_loses_nothing() {
+/// A small run on single servers or clustered engines, checked the same
+/// way.
+async fn small_run(cluster: bool) -> resonance_devtools::chaos::ChaosReport {
     resonance_task::telemetry::init(&resonance_task::config::LogConfig {
         level: "warn".into(),
         ..Default::default()
@@ -27,6 +28,7 @@ async fn a_small_chaos_run_loses_nothing() {
         poison_every: 20,
         settle_timeout: Duration::from_secs(60),
         rng_seed: 3,
+        cluster,
     })
     .await
     .expect("chaos run completes");
@@ -64,5 +66,21 @@ async fn a_small_chaos_run_loses_nothing() {
         report.duplicate_pct <= 1.0,
         "duplicates {:.3}%",
         report.duplicate_pct
+    );
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_chaos_run_loses_nothing() {
+    let report = small_run(false).await;
+    assert_eq!(report.node_kills, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_chaos_run_on_clustered_engines_loses_nothing() {
+    let report = small_run(true).await;
+    assert_eq!(
+        report.node_kills, 3,
+        "the stream's NATS leader, a Redis master and the etcd leader"
     );
 }
