@@ -390,11 +390,11 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
             servers::etcd_server(),
             servers::redis_server_persistent()
         );
-        Engines::Single {
+        Engines::Single(Box::new(SingleServers {
             nats: nats?,
             etcd: etcd?,
             redis: redis?,
-        }
+        }))
     };
     let database = ScratchDatabase::create(&opts.postgres_admin_url).await?;
     let pg_port = url_port(&opts.postgres_admin_url).unwrap_or(5432);
@@ -413,13 +413,16 @@ fn url_port(url: &str) -> Option<u16> {
     host.rsplit_once(':')?.1.parse().ok()
 }
 
+/// Single NATS, etcd and Redis servers.
+struct SingleServers {
+    nats: LocalServer,
+    etcd: LocalServer,
+    redis: LocalServer,
+}
+
 /// NATS, etcd and Redis of a run: single servers or clusters.
 enum Engines {
-    Single {
-        nats: LocalServer,
-        etcd: LocalServer,
-        redis: LocalServer,
-    },
+    Single(Box<SingleServers>),
     Cluster {
         nats: NatsCluster,
         etcd: EtcdCluster,
@@ -440,7 +443,8 @@ impl Servers {
     fn config(&self, database: &ScratchDatabase) -> Config {
         let mut config = Config::default();
         match &self.engines {
-            Engines::Single { nats, etcd, redis } => {
+            Engines::Single(single) => {
+                let SingleServers { nats, etcd, redis } = single.as_ref();
                 config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
                 config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
                 config.redis.addr = format!("127.0.0.1:{}", redis.port);
@@ -468,7 +472,8 @@ impl Servers {
         fault: &mut impl FnMut(String),
     ) -> Result<usize, ChaosError> {
         match &mut self.engines {
-            Engines::Single { nats, etcd, redis } => {
+            Engines::Single(single) => {
+                let SingleServers { nats, etcd, redis } = single.as_mut();
                 fault("restart NATS (SIGKILL)".into());
                 nats.kill();
                 nats.start().await?;
