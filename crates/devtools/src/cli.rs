@@ -62,7 +62,7 @@ pub enum DevCommand {
     /// algorithm, per-user streams, batch-v1 and the I/O floor, side by side
     /// on private servers.
     #[command(
-        after_help = "Example:\n  resonance-task bench --json\n  resonance-task bench --sweep --mix --json\n  resonance-task bench --mix 2x90,3-20x10 --modes batch\n  resonance-task bench --sweep --mix --compare docs/bench-baseline.json\n\nNeeds nats-server, etcd and redis-server. Build with --release for meaningful figures."
+        after_help = "Example:\n  resonance-task bench --json\n  resonance-task bench --sweep --mix --json\n  resonance-task bench --mix 2x90,3-20x10 --modes batch\n  resonance-task bench --sweep --mix --compare docs/bench-baseline.json\n  resonance-task bench --cluster --modes batch --json\n\nNeeds nats-server, etcd and redis-server. Build with --release for meaningful figures."
     )]
     Bench(BenchArgs),
 }
@@ -154,6 +154,11 @@ pub struct BenchArgs {
     /// plaintext
     #[arg(long)]
     tls: bool,
+    /// Also measure the batch mode on clustered engines (3 NATS nodes with
+    /// R3 streams, a Redis Cluster of 3 masters and 3 replicas, 3 etcd
+    /// members) beside single servers: `cluster_vs_single`
+    #[arg(long)]
+    cluster: bool,
     /// No progress bar on stderr
     #[arg(long)]
     no_progress: bool,
@@ -334,6 +339,7 @@ async fn run_bench(args: BenchArgs, config: Config) -> Result<()> {
         storm: args.storm,
         priority: args.priority,
         tls: args.tls,
+        cluster: args.cluster,
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         tuning: config,
     })

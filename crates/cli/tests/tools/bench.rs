@@ -66,6 +66,38 @@ async fn the_tls_comparison_delivers_over_mutual_tls() {
     assert!(report.to_text().contains("mtls_vs_plain"));
 }
 
+/// `--cluster`: the batch mode on clustered engines (R3 streams, a Redis
+/// Cluster, 3 etcd members) delivers everything it submits, beside single
+/// servers, and the report carries `cluster_vs_single` at the top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_comparison_delivers_on_clustered_engines() {
+    let report = bench::run(BenchOptions {
+        modes: vec![Mode::Batch],
+        group_size: 40,
+        gateways: 2,
+        deliveries: 4_000,
+        latency_group_size: 10,
+        latency_seconds: 0.2,
+        cluster: true,
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .expect("bench runs");
+    let cluster = report.cluster.as_ref().expect("cluster comparison");
+    assert_eq!(
+        cluster.cluster.deliveries,
+        cluster.cluster.events as u64 * 40
+    );
+    assert_eq!(
+        cluster.single.events, cluster.cluster.events,
+        "same workload"
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["cluster_vs_single"].as_f64().unwrap() > 0.0, "{json}");
+    assert!(report.to_text().contains("cluster_vs_single"));
+}
+
 /// `--mix`: every mode runs the same sequence of session sizes (serial its
 /// first part), delivers exactly what it submitted, and the report carries
 /// events/s, deliveries/s and p99 per mode, the batch-over-serial ratio and

@@ -188,6 +188,8 @@ mod tests {
             storm: None,
             priority: None,
             tls: None,
+            cluster: None,
+            cluster_vs_single: None,
         }
     }
 

@@ -54,6 +54,7 @@ use resonance_task::config::{Config, SecretUrl};
 use resonance_task::proto::PushEvent;
 use resonance_task::store::{MemberError, MemberStore, SessionSeed};
 use resonance_testkit::certs::DevPki;
+use resonance_testkit::cluster::{EtcdCluster, NatsCluster, RedisCluster};
 use resonance_testkit::servers::{self, LocalServer, StackError};
 
 pub use drivers::Mode;
@@ -113,6 +114,9 @@ pub struct BenchOptions {
     /// Also measure the batch mode with mutual TLS to every gateway, beside
     /// plaintext.
     pub tls: bool,
+    /// Also measure the batch mode on clustered engines (3 NATS nodes with
+    /// R3 streams, a Redis Cluster, 3 etcd members), beside single servers.
+    pub cluster: bool,
     /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Where the pods' `consumer.worker_count`, `gateway`, `dispatch`,
@@ -135,6 +139,7 @@ impl Default for BenchOptions {
             storm: false,
             priority: false,
             tls: false,
+            cluster: false,
             progress: true,
             tuning: Config::default(),
         }
@@ -218,6 +223,21 @@ pub struct BenchReport {
     pub priority: Option<priority::PriorityResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterResult>,
+    /// Batch throughput on clustered engines over single servers: what
+    /// replication costs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_vs_single: Option<f64>,
+}
+
+/// The batch mode on single servers and on clustered engines, same
+/// workload, interleaved.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterResult {
+    pub single: ModeResult,
+    pub cluster: ModeResult,
+    pub cluster_vs_single: f64,
 }
 
 /// The batch mode over plaintext and over mutual TLS, measured one after
@@ -317,6 +337,16 @@ impl BenchReport {
                 t.mtls_vs_plain
             ));
         }
+        if let Some(c) = &self.cluster {
+            out.push_str(&format!(
+                "batch on clustered engines (R3 streams, Redis Cluster, 3 etcd): {:.0} deliveries/s (p99 {:.1} ms) vs single servers {:.0} (p99 {:.1} ms): cluster_vs_single {:.2}\n",
+                c.cluster.deliveries_per_sec,
+                c.cluster.p99_ms,
+                c.single.deliveries_per_sec,
+                c.single.p99_ms,
+                c.cluster_vs_single
+            ));
+        }
         if let Some(sweep) = &self.sweep {
             out.push_str("\nsweep (deliveries/s by group size):\n");
             out.push_str(&format!(
@@ -405,9 +435,7 @@ pub(crate) struct Session {
 
 /// The private servers, gateways and sessions every mode shares.
 pub(crate) struct Bench {
-    _nats: LocalServer,
-    _etcd: LocalServer,
-    _redis: LocalServer,
+    _servers: Engines,
     _dir: tempfile::TempDir,
     pub config: Config,
     pub gateways: Vec<ReferenceGateway>,
@@ -420,21 +448,64 @@ pub(crate) struct Bench {
     progress: bool,
 }
 
+/// The benchmark's NATS, etcd and Redis: single servers or clusters.
+enum Engines {
+    Single(Box<[LocalServer; 3]>),
+    Cluster(NatsCluster, EtcdCluster, RedisCluster),
+}
+
+impl Engines {
+    async fn start(cluster: bool) -> Result<Self, BenchError> {
+        Ok(if cluster {
+            let (nats, etcd, redis) = tokio::try_join!(
+                NatsCluster::start(3),
+                EtcdCluster::start(3),
+                RedisCluster::start(3)
+            )?;
+            Self::Cluster(nats, etcd, redis)
+        } else {
+            let (nats, etcd, redis) = tokio::try_join!(
+                servers::nats_server(),
+                servers::etcd_server(),
+                servers::redis_server()
+            )?;
+            Self::Single(Box::new([nats, etcd, redis]))
+        })
+    }
+
+    /// Points `config` at these servers; clusters replicate every stream
+    /// three times.
+    fn wire(&self, config: &mut Config) {
+        match self {
+            Self::Single(s) => {
+                let [nats, etcd, redis] = s.as_ref();
+                config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
+                config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
+                config.redis.addr = format!("127.0.0.1:{}", redis.port);
+            }
+            Self::Cluster(nats, etcd, redis) => {
+                config.nats.url = SecretUrl::new(nats.url());
+                config.etcd.endpoints = etcd.endpoints();
+                config.redis.cluster_addrs = redis.addrs();
+                config.consumer.stream_replicas = 3;
+            }
+        }
+    }
+}
+
 impl Bench {
     /// With `tls`, gateways serve mutual TLS with its server certificate
-    /// and pods connect with its client certificate.
+    /// and pods connect with its client certificate; with `cluster`, the
+    /// engines are clustered.
     async fn start(
         gateways: usize,
         users: usize,
         progress: bool,
         tuning: &Config,
         tls: Option<&DevPki>,
+        cluster: bool,
     ) -> Result<Self, BenchError> {
-        let (nats, etcd, redis) = tokio::try_join!(
-            servers::nats_server(),
-            servers::etcd_server(),
-            servers::redis_server()
-        )?;
+        let engines = Engines::start(cluster).await?;
         let dir = tempfile::tempdir().map_err(setup)?;
         let mut config = Config::default();
         config.consumer.worker_count = tuning.consumer.worker_count;
@@ -442,9 +513,7 @@ impl Bench {
         config.dispatch = tuning.dispatch.clone();
         config.dedup = tuning.dedup.clone();
         config.priority = tuning.priority.clone();
-        config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
-        config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
-        config.redis.addr = format!("127.0.0.1:{}", redis.port);
+        engines.wire(&mut config);
         config.database.url = SecretUrl::new(format!(
             "sqlite://{}?mode=rwc",
             dir.path().join("bench.db").display()
@@ -479,9 +548,7 @@ impl Bench {
             started.push(ReferenceGateway::start(opts).await?);
         }
         Ok(Self {
-            _nats: nats,
-            _etcd: etcd,
-            _redis: redis,
+            _servers: engines,
             _dir: dir,
             config,
             gateways: started,
@@ -778,7 +845,15 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     }
     .max(opts.mix.as_ref().map_or(0, MixSpec::largest));
     let users = largest.max(4000).div_ceil(opts.gateways) * opts.gateways;
-    let mut bench = Bench::start(opts.gateways, users, opts.progress, &opts.tuning, None).await?;
+    let mut bench = Bench::start(
+        opts.gateways,
+        users,
+        opts.progress,
+        &opts.tuning,
+        None,
+        false,
+    )
+    .await?;
     let sessions = bench.sessions(opts.group_size).await?;
     let mut modes = BTreeMap::new();
     for &mode in &opts.modes {
@@ -866,6 +941,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     } else {
         None
     };
+    let cluster = if opts.cluster {
+        Some(compare_cluster(&opts, users).await?)
+    } else {
+        None
+    };
 
     let mut report = BenchReport {
         machine: machine(),
@@ -881,6 +961,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         storm,
         priority,
         tls,
+        cluster_vs_single: cluster.as_ref().map(|c| c.cluster_vs_single),
+        cluster,
     };
     report.batch_vs_serial = report.ratio(Mode::Batch, Mode::Serial);
     report.batch_vs_stream = report.ratio(Mode::Batch, Mode::Stream);
@@ -893,40 +975,76 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
 async fn compare_tls(opts: &BenchOptions, users: usize) -> Result<TlsResult, BenchError> {
     let dir = tempfile::tempdir().map_err(setup)?;
     let pki = DevPki::create(dir.path()).map_err(setup)?;
-    let start = |tls| Bench::start(opts.gateways, users, opts.progress, &opts.tuning, tls);
-    let mut bench = start(None).await?;
-    let mut secure = start(Some(&pki)).await?;
-    let sessions = bench.sessions(opts.group_size).await?;
-    let secure_sessions = secure.sessions(opts.group_size).await?;
-    let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
-    let (plain_events, secure_events) = (
-        round_robin(&sessions, events),
-        round_robin(&secure_sessions, events),
-    );
-    // In the order plain, mTLS, mTLS, plain, so a drift over the run (the
-    // machine warming, a neighbour's load) weighs on both sides alike; each
-    // side reports the faster of its two runs.
-    let plain = |b| run_mode(b, Mode::Batch, &sessions, &plain_events);
-    let mtls = |b| run_mode(b, Mode::Batch, &secure_sessions, &secure_events);
-    let plain_first = plain(&bench).await?;
-    let mtls_first = mtls(&secure).await?;
-    let mtls_second = mtls(&secure).await?;
-    let plain_second = plain(&bench).await?;
-    let faster = |a: ModeResult, b: ModeResult| {
-        if a.deliveries_per_sec >= b.deliveries_per_sec {
-            a
-        } else {
-            b
-        }
+    let start = |tls| {
+        Bench::start(
+            opts.gateways,
+            users,
+            opts.progress,
+            &opts.tuning,
+            tls,
+            false,
+        )
     };
-    let plain = faster(plain_first, plain_second);
-    let mtls = faster(mtls_first, mtls_second);
+    let (plain, mtls) = side_by_side(opts, start(None).await?, start(Some(&pki)).await?).await?;
     let mtls_vs_plain = round(mtls.deliveries_per_sec / plain.deliveries_per_sec, 2);
     Ok(TlsResult {
         plain,
         mtls,
         mtls_vs_plain,
     })
+}
+
+/// The batch mode on single servers and on clustered engines, same
+/// workload, interleaved.
+async fn compare_cluster(opts: &BenchOptions, users: usize) -> Result<ClusterResult, BenchError> {
+    let start = |cluster| {
+        Bench::start(
+            opts.gateways,
+            users,
+            opts.progress,
+            &opts.tuning,
+            None,
+            cluster,
+        )
+    };
+    let (single, cluster) = side_by_side(opts, start(false).await?, start(true).await?).await?;
+    let cluster_vs_single = round(cluster.deliveries_per_sec / single.deliveries_per_sec, 2);
+    Ok(ClusterResult {
+        single,
+        cluster,
+        cluster_vs_single,
+    })
+}
+
+/// The batch mode on stacks `a` and `b`, same workload, in the order a, b,
+/// b, a, so a drift over the run (the machine warming, a neighbour's load)
+/// weighs on both alike; each side reports the faster of its two runs.
+async fn side_by_side(
+    opts: &BenchOptions,
+    mut a: Bench,
+    mut b: Bench,
+) -> Result<(ModeResult, ModeResult), BenchError> {
+    let a_sessions = a.sessions(opts.group_size).await?;
+    let b_sessions = b.sessions(opts.group_size).await?;
+    let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
+    let (a_events, b_events) = (
+        round_robin(&a_sessions, events),
+        round_robin(&b_sessions, events),
+    );
+    let run_a = |bench| run_mode(bench, Mode::Batch, &a_sessions, &a_events);
+    let run_b = |bench| run_mode(bench, Mode::Batch, &b_sessions, &b_events);
+    let a_first = run_a(&a).await?;
+    let b_first = run_b(&b).await?;
+    let b_second = run_b(&b).await?;
+    let a_second = run_a(&a).await?;
+    let faster = |x: ModeResult, y: ModeResult| {
+        if x.deliveries_per_sec >= y.deliveries_per_sec {
+            x
+        } else {
+            y
+        }
+    };
+    Ok((faster(a_first, a_second), faster(b_first, b_second)))
 }
 
 /// Starts a mode, warms it up on `sessions`, measures `events` at
