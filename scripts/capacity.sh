@@ -65,7 +65,8 @@ get() { # port, path
   cat <&3
   exec 3<&-
 }
-field() { grep -o "\"$1\":[0-9]*" | head -1 | cut -d: -f2; }
+# A number field of a JSON answer (compact or pretty-printed); 0 if absent.
+field() { local v; v=$(grep -o "\"$1\": *[0-9]*" | head -1 | tr -dc 0-9); echo "${v:-0}"; }
 nats_counter() { get "$NATS_MON" /varz | field "$1"; }
 redis_counter() { redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | grep "^$1:" | cut -d: -f2; }
 pod_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$POD_PID/stat"; }
@@ -109,13 +110,13 @@ for size in $SIZES; do
   half=$((users / 2))
   start gateway-001 "$BIN" gateway --id gateway-001 --users "0..$half" --http "127.0.0.1:$G1_HTTP" --ready-file "$WORK/g1.ready"
   start gateway-002 "$BIN" gateway --id gateway-002 --users "$half..$users" --http "127.0.0.1:$G2_HTTP" --ready-file "$WORK/g2.ready"
-  RESONANCE_TASK__ADMIN__LISTEN=127.0.0.1:0 start pod "$BIN" run
+  RESONANCE_TASK__LOG__LEVEL=info RESONANCE_TASK__ADMIN__LISTEN=127.0.0.1:0 start pod "$BIN" run
   POD_PID=${pids[-1]}
   for _ in $(seq 600); do
     [ -s "$WORK/g1.ready" ] && [ -s "$WORK/g2.ready" ] && grep -q consuming "$WORK/pod.log" && break
     sleep 0.1
   done
-  grep -q consuming "$WORK/pod.log" || { say "the pod did not start; see $WORK/pod.log"; exit 1; }
+  grep -q consuming "$WORK/pod.log" || { say "the pod did not start:"; for f in "$WORK"/pod.log "$WORK"/gateway-*.log; do echo "== $f"; tail -n 5 "$f"; done >&2; exit 1; }
 
   say "$size-member sessions: $events events, unpaced"
   read -r -a before <<<"$(snapshot)"
