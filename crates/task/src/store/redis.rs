@@ -8,6 +8,7 @@
 //! connection rebuilt from the configured nodes, at most once a second:
 //! the client library's own recovery can stay stuck on the dead master.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -44,7 +45,7 @@ impl crate::refusal::Refusal for RedisError {
 #[derive(Clone)]
 enum Connection {
     Standalone(ConnectionManager),
-    Cluster(std::sync::Arc<Cluster>),
+    Cluster(Arc<Cluster>),
 }
 
 /// A cluster connection that can be replaced by a fresh one.
@@ -53,12 +54,164 @@ struct Cluster {
     current: std::sync::RwLock<ClusterConnection>,
     /// When it was last rebuilt; one rebuild at a time.
     rebuilt: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Which master serves which slots, for reads of many keys.
+    slots: std::sync::RwLock<Option<Arc<SlotMap>>>,
+}
+
+/// `CLUSTER SLOTS`: (first slot, last slot, master host, master port).
+type SlotMap = Vec<(u16, u16, String, u16)>;
+
+/// The hash slot of `key` (CRC16-XMODEM of its hash tag, or of the whole
+/// key without one).
+fn slot_of(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|b| *b == b'}')
+                .filter(|close| *close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+}
+
+/// The keys of an `MGET` of more than one key.
+fn mget_keys(cmd: &Cmd) -> Option<Vec<Vec<u8>>> {
+    let mut args = cmd.args_iter().map(|a| match a {
+        redis::Arg::Simple(bytes) => bytes,
+        _ => &[],
+    });
+    if !args.next()?.eq_ignore_ascii_case(b"MGET") {
+        return None;
+    }
+    let keys: Vec<Vec<u8>> = args.map(<[u8]>::to_vec).collect();
+    (keys.len() > 1).then_some(keys)
+}
+
+fn parse_slots(value: redis::Value) -> Option<SlotMap> {
+    use redis::Value;
+    let int = |v: &Value| match v {
+        Value::Int(i) => u16::try_from(*i).ok(),
+        _ => None,
+    };
+    let Value::Array(ranges) = value else {
+        return None;
+    };
+    ranges
+        .iter()
+        .map(|range| {
+            let Value::Array(parts) = range else {
+                return None;
+            };
+            let Value::Array(master) = parts.get(2)? else {
+                return None;
+            };
+            let host = match master.first()? {
+                Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+                Value::SimpleString(s) => s.clone(),
+                _ => return None,
+            };
+            Some((
+                int(parts.first()?)?,
+                int(parts.get(1)?)?,
+                host,
+                int(master.get(1)?)?,
+            ))
+        })
+        .collect()
 }
 
 /// Rebuilds at most this often.
 const REBUILD_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Cluster {
+    async fn slot_map(&self) -> Option<Arc<SlotMap>> {
+        if let Some(map) = self
+            .slots
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        {
+            return Some(map);
+        }
+        let mut ask = redis::cmd("CLUSTER");
+        ask.arg("SLOTS");
+        let answer = self
+            .connection()
+            .route_command(
+                ask,
+                redis::cluster_routing::RoutingInfo::SingleNode(
+                    redis::cluster_routing::SingleNodeRoutingInfo::Random,
+                ),
+            )
+            .await
+            .ok()?;
+        let map = Arc::new(parse_slots(answer)?);
+        *self
+            .slots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
+        Some(map)
+    }
+
+    fn forget_slots(&self) {
+        *self
+            .slots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// The values of `keys` in one pipeline per master, instead of the
+    /// client library's one command per slot (keys without a shared hash
+    /// tag, like routes, spread over as many slots as there are keys).
+    /// `None` when the slot map is stale or a node answered otherwise: the
+    /// caller then reads them the library's way.
+    async fn mget(&self, keys: &[Vec<u8>]) -> Option<redis::Value> {
+        let map = self.slot_map().await?;
+        let mut by_node: std::collections::HashMap<(&str, u16), Vec<usize>> =
+            std::collections::HashMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            let slot = slot_of(key);
+            let (_, _, host, port) = map.iter().find(|(a, b, ..)| (*a..=*b).contains(&slot))?;
+            by_node.entry((host.as_str(), *port)).or_default().push(i);
+        }
+        let reads = by_node.into_iter().map(|((host, port), indices)| {
+            let mut pipe = redis::pipe();
+            for &i in &indices {
+                pipe.cmd("GET").arg(&keys[i]);
+            }
+            let route = redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                host: host.to_string(),
+                port,
+            };
+            let mut conn = self.connection();
+            async move {
+                let count = indices.len();
+                let values = conn.route_pipeline(pipe, 0, count, route).await;
+                (indices, values)
+            }
+        });
+        let mut out = vec![redis::Value::Nil; keys.len()];
+        for (indices, values) in futures::future::join_all(reads).await {
+            let values = values.ok()?;
+            if values.len() != indices.len()
+                || values
+                    .iter()
+                    .any(|v| matches!(v, redis::Value::ServerError(_)))
+            {
+                self.forget_slots();
+                return None;
+            }
+            for (i, v) in indices.into_iter().zip(values) {
+                out[i] = v;
+            }
+        }
+        Some(redis::Value::Array(out))
+    }
+
     fn connection(&self) -> ClusterConnection {
         self.current
             .read()
@@ -235,10 +388,11 @@ impl RedisClient {
         let client = builder.build().map_err(err)?;
         let conn = client.get_async_connection().await.map_err(err)?;
         Ok(Self {
-            connection: Connection::Cluster(std::sync::Arc::new(Cluster {
+            connection: Connection::Cluster(Arc::new(Cluster {
                 client,
                 current: std::sync::RwLock::new(conn),
                 rebuilt: tokio::sync::Mutex::new(None),
+                slots: std::sync::RwLock::new(None),
             })),
             addr,
         })
@@ -257,8 +411,14 @@ impl RedisClient {
         let result = match &self.connection {
             Connection::Standalone(c) => cmd.query_async(&mut c.clone()).await,
             Connection::Cluster(c) => {
+                if let Some(keys) = mget_keys(cmd)
+                    && let Some(values) = c.mget(&keys).await
+                {
+                    return self.parse(values);
+                }
                 let result = cmd.query_async(&mut c.connection()).await;
                 if let Err(e) = &result {
+                    c.forget_slots();
                     c.recover(e).await;
                 }
                 result
@@ -379,6 +539,18 @@ impl RedisClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_follow_hash_tags_like_the_server() {
+        // Values from CLUSTER KEYSLOT.
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_eq!(
+            slot_of(b"{}bar"),
+            crc16::State::<crc16::XMODEM>::calculate(b"{}bar") % 16384
+        );
+    }
 
     #[test]
     fn addresses() {
