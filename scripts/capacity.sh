@@ -39,24 +39,7 @@ stop_all() {
 }
 trap 'stop_all; rm -rf "$WORK"' EXIT
 
-used_ports=" "
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 30000))
-    case "$used_ports" in *" $p "*) continue ;; esac
-    resonance_port_open "$p" && continue
-    used_ports+="$p "
-    echo "$p"
-    return
-  done
-}
-
-start() { # name, command...
-  local name=$1; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  pids+=($!)
-}
+start() { resonance_start "$@"; }
 
 # An HTTP GET on loopback with bash alone.
 get() { # port, path
@@ -84,8 +67,8 @@ snapshot() {
 results=()
 for size in $SIZES; do
   rm -rf "${WORK:?}"/*
-  NATS_PORT=$(free_port); NATS_MON=$(free_port); ETCD_PORT=$(free_port); ETCD_PEER=$(free_port)
-  REDIS_PORT=$(free_port); G1_HTTP=$(free_port); G2_HTTP=$(free_port)
+  resonance_free_ports NATS_PORT NATS_MON ETCD_PORT ETCD_PEER
+  resonance_free_ports REDIS_PORT G1_HTTP G2_HTTP
   start nats nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$WORK/nats"
   start etcd etcd --name capacity --data-dir "$WORK/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \

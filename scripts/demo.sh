@@ -85,27 +85,10 @@ KEPT
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-used_ports=" "
-free_port() {
-  local p
-  while :; do
-    p=$((20000 + RANDOM % 40000))
-    case "$used_ports" in *" $p "*) continue ;; esac
-    resonance_port_open "$p" && continue
-    used_ports+="$p "
-    echo "$p"
-    return
-  done
-}
+start() { resonance_start "$@"; }
 
-start() { # name, command...
-  local name=$1; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  pids+=($!)
-}
-
-NATS_PORT=$(free_port); ETCD_PORT=$(free_port); ETCD_PEER=$(free_port); REDIS_PORT=$(free_port)
-G1_HTTP=$(free_port); G2_HTTP=$(free_port); POD1_ADMIN=$(free_port); POD2_ADMIN=$(free_port)
+resonance_free_ports NATS_PORT ETCD_PORT ETCD_PEER REDIS_PORT
+resonance_free_ports G1_HTTP G2_HTTP POD1_ADMIN POD2_ADMIN
 PROM_PORT=
 
 say "starting nats-server :$NATS_PORT, etcd :$ETCD_PORT, redis-server :$REDIS_PORT in $WORK"
@@ -155,7 +138,7 @@ wait_for "pods" grep -q consuming "$WORK/pod-1.log" "$WORK/pod-2.log"
 wait_for "pod 2" grep -q consuming "$WORK/pod-2.log"
 
 if [ "$keep" = 1 ] && command -v prometheus >/dev/null; then
-  PROM_PORT=$(free_port)
+  resonance_free_ports PROM_PORT
   cat >"$WORK/prometheus.yml" <<PROM
 global: {scrape_interval: 5s, evaluation_interval: 5s}
 rule_files: [$PWD/deploy/prometheus/alerts.yml]

@@ -44,6 +44,31 @@ resonance_port_open() {
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# Sets each variable named to a free loopback port that this script has
+# not handed out before (they are kept in $used_ports; in the calling shell,
+# not a subshell, so two calls never give the same port).
+resonance_free_ports() { # NAME...
+  local name p
+  for name in "$@"; do
+    while :; do
+      p=$((20000 + RANDOM % 30000))
+      case "${used_ports:- }" in *" $p "*) continue ;; esac
+      resonance_port_open "$p" && continue
+      used_ports="${used_ports:- }$p "
+      printf -v "$name" '%s' "$p"
+      break
+    done
+  done
+}
+
+# Starts a command in the background with its output in $WORK/NAME.log and
+# its pid appended to the caller's array pids.
+resonance_start() { # name, command...
+  local name=$1; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  pids+=($!)
+}
+
 resonance_wait_port() {
   local port=$1 tries=${2:-100}
   while ! resonance_port_open "$port"; do

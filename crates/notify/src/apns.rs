@@ -120,11 +120,8 @@ impl Apns {
     fn provider_token(&self, refused: Option<&str>) -> Result<String, DeviceOutcome> {
         let mut cached = self.token.lock().expect("token lock");
         let now = resonance_task::clock::now_ms();
-        if let Some(t) = cached
-            .as_ref()
-            .filter(|t| refused != Some(t.value.as_str()) && !t.due(now))
-        {
-            return Ok(t.value.clone());
+        if let Some(value) = CachedToken::reusable(&cached, refused, now) {
+            return Ok(value);
         }
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.key_id.clone());

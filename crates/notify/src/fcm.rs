@@ -154,11 +154,8 @@ impl Fcm {
     async fn access_token(&self, refused: Option<&str>) -> Result<String, DeviceOutcome> {
         let mut cached = self.token.lock().await;
         let now = resonance_task::clock::now_ms();
-        if let Some(t) = cached
-            .as_ref()
-            .filter(|t| refused != Some(t.value.as_str()) && !t.due(now))
-        {
-            return Ok(t.value.clone());
+        if let Some(value) = CachedToken::reusable(&cached, refused, now) {
+            return Ok(value);
         }
         let assertion = self.assertion((now / 1000) as u64)?;
         let form = url::form_urlencoded::Serializer::new(String::new())

@@ -82,11 +82,8 @@ impl Getui {
     async fn token(&self, refused: Option<&str>) -> Result<String, Delivery> {
         let mut cached = self.token.lock().await;
         let now = resonance_task::clock::now_ms();
-        if let Some(t) = cached
-            .as_ref()
-            .filter(|t| refused != Some(t.value.as_str()) && !t.due(now))
-        {
-            return Ok(t.value.clone());
+        if let Some(value) = CachedToken::reusable(&cached, refused, now) {
+            return Ok(value);
         }
         let timestamp = now.to_string();
         let body = json!({

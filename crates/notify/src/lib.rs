@@ -76,6 +76,15 @@ pub(crate) struct CachedToken {
 const MAX_EARLY_RENEWAL: Duration = Duration::from_secs(300);
 
 impl CachedToken {
+    /// The cached value of `slot` while it is good: not due, and not the
+    /// one a provider just `refused` (then whoever comes first renews it,
+    /// and the others take the renewed one).
+    pub fn reusable(slot: &Option<Self>, refused: Option<&str>, now_ms: i64) -> Option<String> {
+        slot.as_ref()
+            .filter(|t| refused != Some(t.value.as_str()) && !t.due(now_ms))
+            .map(|t| t.value.clone())
+    }
+
     pub fn due(&self, now_ms: i64) -> bool {
         let life = (self.expires_ms - self.issued_ms).max(0);
         let early = (life / 10).min(MAX_EARLY_RENEWAL.as_millis() as i64);
