@@ -134,6 +134,18 @@ async fn jetstream_answers(client: &async_nats::Client) -> bool {
         .is_ok_and(|info| info.get("error").is_none() && info.get("type").is_some())
 }
 
+/// A free port for a Redis Cluster node whose bus port (port + 10,000) is
+/// free too and, like the port, below the ephemeral range, so no client
+/// socket takes it before the node binds it.
+fn redis_node_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 22_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A Redis Cluster: `masters` masters, each with one replica.
 pub struct RedisCluster {
     pub nodes: Vec<LocalServer>,
@@ -172,7 +184,7 @@ impl RedisCluster {
                     "redis-server",
                     "redis-server",
                     None,
-                    free_port(),
+                    redis_node_port(),
                     |dir, port| {
                         [
                             "--port",

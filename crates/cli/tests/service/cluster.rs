@@ -144,6 +144,36 @@ async fn clustered_engines_lose_nothing_when_a_node_of_each_dies() {
     })
     .await;
 
+    // A poison payload lands in the R3 dead-letter stream and is replayed
+    // from it (and dead-lettered again, with its reason).
+    let poison = bytes::Bytes::from_static(&[0xff, 0xfe, 0xfd]);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "poison-1");
+    js.publish_with_headers(config.consumer.topic.clone(), headers, poison.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_dead_lettered(&nats, &config, "the poison dead-lettered", |l| {
+        l.payload == poison
+    })
+    .await;
+    let replayed = resonance_task::consumer::dlq::replay(
+        &js,
+        &config.consumer,
+        &resonance_task::consumer::dlq::Selection::All,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(replayed.len(), 1);
+    eventually("the replayed poison dead-lettered again", || async {
+        resonance_task::consumer::dlq::list(&js, &config.consumer)
+            .await
+            .is_ok_and(|l| l.len() == 1 && l[0].seq != replayed[0])
+    })
+    .await;
+
     wait_settled(&nats, &config).await;
     let stats = gateway.ledger.stats();
     assert_eq!(stats.distinct, 80 * users.len() as u64, "{stats:?}");
@@ -226,4 +256,62 @@ async fn replicas_on_a_single_server_are_refused_naming_the_key() {
         .unwrap_err();
     let text = err.to_string();
     assert!(text.contains("consumer.stream_replicas is 3"), "{text}");
+}
+
+/// The notify worker on a Redis Cluster: its per-notice sent list (hash
+/// tag `{msg_id}`) keeps a redelivered notice from sending twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notify_worker_sends_each_notice_once_through_a_redis_cluster() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let stack = ClusterStack::start().await;
+    let hooks = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hooks.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut config = stack.config();
+    config.notify.webhook.url = format!("http://{addr}/hook");
+    config.notify.webhook.secret = Some(resonance_task::config::Secret::new("s"));
+    config.validate().unwrap();
+    resonance_task::telemetry::init(&config.log);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(resonance_notify::run(config.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let mut view = config.clone();
+    view.consumer = resonance_notify::consumer_config(&config);
+    let nats = stack.nats().await;
+    let js = jetstream::new(nats.clone());
+    wait_consuming(&nats, &view).await;
+    let notice = resonance_task::proto::OfflineNotice {
+        msg_id: 77,
+        session_id: "s".into(),
+        from_username: "a".into(),
+        recipients: vec!["u1".into(), "u2".into(), "u3".into()],
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        js.publish(
+            view.offline.notice_topic.clone(),
+            notice.encode_to_vec().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        wait_settled(&nats, &view).await;
+    }
+    assert_eq!(hooks.load(Ordering::SeqCst), 3, "one per recipient, once");
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
 }
