@@ -69,19 +69,8 @@ for size in $SIZES; do
   rm -rf "${WORK:?}"/*
   resonance_free_ports NATS_PORT NATS_MON ETCD_PORT ETCD_PEER
   resonance_free_ports REDIS_PORT G1_HTTP G2_HTTP
-  start nats nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$WORK/nats"
-  start etcd etcd --name capacity --data-dir "$WORK/etcd" \
-    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-    --initial-cluster "capacity=http://127.0.0.1:$ETCD_PEER"
-  start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK"
-  for port in "$NATS_PORT" "$NATS_MON" "$ETCD_PORT" "$REDIS_PORT"; do
-    resonance_wait_port "$port" 300 || { say "a server did not start; see $WORK/*.log"; exit 1; }
-  done
-  export RESONANCE_TASK__NATS__URL="nats://127.0.0.1:$NATS_PORT"
-  export RESONANCE_TASK__ETCD__ENDPOINTS="http://127.0.0.1:$ETCD_PORT"
-  export RESONANCE_TASK__REDIS__ADDR="127.0.0.1:$REDIS_PORT"
-  export RESONANCE_TASK__DATABASE__URL="sqlite://$WORK/task.db?mode=rwc"
+  resonance_start_engines capacity -m "$NATS_MON" || { say "a server did not start; see $WORK/*.log"; exit 1; }
+  resonance_wait_port "$NATS_MON" 300 || { say "NATS monitoring did not start"; exit 1; }
   export RESONANCE_TASK__LOG__LEVEL=warn
 
   users=$(( size * 40 > 4000 ? size * 40 : 4000 ))

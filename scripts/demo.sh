@@ -92,20 +92,7 @@ resonance_free_ports G1_HTTP G2_HTTP POD1_ADMIN POD2_ADMIN
 PROM_PORT=
 
 say "starting nats-server :$NATS_PORT, etcd :$ETCD_PORT, redis-server :$REDIS_PORT in $WORK"
-start nats nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats"
-start etcd etcd --name demo --data-dir "$WORK/etcd" \
-  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
-  --initial-cluster "demo=http://127.0.0.1:$ETCD_PEER"
-start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK"
-for port in "$NATS_PORT" "$ETCD_PORT" "$REDIS_PORT"; do
-  resonance_wait_port "$port" 300 || { say "a server did not start; see $WORK/*.log"; exit 1; }
-done
-
-export RESONANCE_TASK__NATS__URL="nats://127.0.0.1:$NATS_PORT"
-export RESONANCE_TASK__ETCD__ENDPOINTS="http://127.0.0.1:$ETCD_PORT"
-export RESONANCE_TASK__REDIS__ADDR="127.0.0.1:$REDIS_PORT"
-export RESONANCE_TASK__DATABASE__URL="sqlite://$WORK/task.db?mode=rwc"
+resonance_start_engines demo || { say "a server did not start; see $WORK/*.log"; exit 1; }
 export RESONANCE_TASK__LOG__LEVEL=${RESONANCE_TASK__LOG__LEVEL:-info}
 
 say "seeding $USERS users into sessions $SESSIONS"

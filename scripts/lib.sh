@@ -69,6 +69,28 @@ resonance_start() { # name, command...
   pids+=($!)
 }
 
+# Starts nats-server (JetStream; extra arguments appended), etcd and
+# redis-server on $NATS_PORT, $ETCD_PORT (peer $ETCD_PEER) and $REDIS_PORT
+# with their data in $WORK, waits until they listen, and exports the
+# environment that points the service at them and at a SQLite file in
+# $WORK. Returns 1 if one did not start.
+resonance_start_engines() { # etcd member name, extra nats-server arguments...
+  local name=$1 port; shift
+  resonance_start nats nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$WORK/nats" "$@"
+  resonance_start etcd etcd --name "$name" --data-dir "$WORK/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+    --initial-cluster "$name=http://127.0.0.1:$ETCD_PEER"
+  resonance_start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK"
+  for port in "$NATS_PORT" "$ETCD_PORT" "$REDIS_PORT"; do
+    resonance_wait_port "$port" 300 || return 1
+  done
+  export RESONANCE_TASK__NATS__URL="nats://127.0.0.1:$NATS_PORT"
+  export RESONANCE_TASK__ETCD__ENDPOINTS="http://127.0.0.1:$ETCD_PORT"
+  export RESONANCE_TASK__REDIS__ADDR="127.0.0.1:$REDIS_PORT"
+  export RESONANCE_TASK__DATABASE__URL="sqlite://$WORK/task.db?mode=rwc"
+}
+
 resonance_wait_port() {
   local port=$1 tries=${2:-100}
   while ! resonance_port_open "$port"; do
