@@ -137,3 +137,41 @@ async fn the_traffic_mix_runs_every_mode_on_one_sequence() {
     assert!(json["mix"]["latency_at_half_peak"]["p99_ms"].is_number());
     assert!(report.to_text().contains("mix 2x70,3-20x20,21-60x10"));
 }
+
+/// A finished run says nothing it need not: the drivers and gateways stop
+/// while the servers they talk to are still up, so no warning about a
+/// closed connection, a route left behind or a lease not revoked follows
+/// the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_run_ends_without_warnings() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_resonance-task"))
+        .args([
+            "bench",
+            "--modes",
+            "serial,batch",
+            "--group-size",
+            "10",
+            "--gateways",
+            "2",
+            "--deliveries",
+            "2000",
+            "--latency-group-size",
+            "10",
+            "--latency-seconds",
+            "0.3",
+            "--no-progress",
+        ])
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("batch_vs_serial"),
+        "the report is printed"
+    );
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(warnings.is_empty(), "{}", warnings.join("\n"));
+}

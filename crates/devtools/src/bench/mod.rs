@@ -620,6 +620,12 @@ impl Bench {
         Ok(bands)
     }
 
+    /// Stops the gateways while the servers they leave (etcd, Redis) are
+    /// still up, then the servers.
+    pub(crate) async fn stop(self) {
+        futures::future::join_all(self.gateways.into_iter().map(ReferenceGateway::stop)).await;
+    }
+
     pub(crate) fn event(&self, session: &Session) -> PushEvent {
         let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
         PushEvent {
@@ -964,6 +970,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         cluster_vs_single: cluster.as_ref().map(|c| c.cluster_vs_single),
         cluster,
     };
+    bench.stop().await;
     report.batch_vs_serial = report.ratio(Mode::Batch, Mode::Serial);
     report.batch_vs_stream = report.ratio(Mode::Batch, Mode::Stream);
     report.batch_vs_floor = report.ratio(Mode::Batch, Mode::Floor);
@@ -1037,6 +1044,7 @@ async fn side_by_side(
     let b_first = run_b(&b).await?;
     let b_second = run_b(&b).await?;
     let a_second = run_a(&a).await?;
+    tokio::join!(a.stop(), b.stop());
     let faster = |x: ModeResult, y: ModeResult| {
         if x.deliveries_per_sec >= y.deliveries_per_sec {
             x

@@ -75,7 +75,11 @@ impl Serial {
             // Core NATS drops what a slow or cut connection misses; a run
             // that then stalls should say why.
             .event_callback(|event| async move {
-                if !matches!(event, async_nats::Event::Connected) {
+                // Closed: the driver stopping.
+                if !matches!(
+                    event,
+                    async_nats::Event::Connected | async_nats::Event::Closed
+                ) {
                     tracing::warn!(%event, "serial: NATS event");
                 }
             })
