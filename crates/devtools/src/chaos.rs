@@ -45,7 +45,8 @@ use resonance_task::lifecycle::Lifecycle;
 use resonance_task::registry::GatewayRegistry;
 use resonance_task::retry::Backoff;
 use resonance_task::store::{MemberStore, RedisClient, RouteStore, connect_database, migrate};
-use resonance_testkit::cluster::{EtcdCluster, NatsCluster, RedisCluster};
+use resonance_testkit::cluster::NatsCluster;
+use resonance_testkit::engines::{Clusters, Engines, SingleServers};
 use resonance_testkit::fault_proxy::{FaultProxy, ProxyMode};
 use resonance_testkit::servers::{self, LocalServer, StackError, free_port};
 
@@ -373,29 +374,7 @@ fn fingerprint(payload: &[u8]) -> u64 {
 
 pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, ChaosError> {
     let started = tokio::time::Instant::now();
-    let engines = if opts.cluster {
-        let (nats, etcd, redis) = tokio::join!(
-            NatsCluster::start(3),
-            EtcdCluster::start(3),
-            RedisCluster::start(3)
-        );
-        Engines::Cluster {
-            nats: nats?,
-            etcd: etcd?,
-            redis: redis?,
-        }
-    } else {
-        let (nats, etcd, redis) = tokio::join!(
-            servers::nats_server(),
-            servers::etcd_server(),
-            servers::redis_server_persistent()
-        );
-        Engines::Single(Box::new(SingleServers {
-            nats: nats?,
-            etcd: etcd?,
-            redis: redis?,
-        }))
-    };
+    let engines = Engines::start(opts.cluster, true).await?;
     let database = ScratchDatabase::create(&opts.postgres_admin_url).await?;
     let pg_port = url_port(&opts.postgres_admin_url).unwrap_or(5432);
     let sql_proxy = FaultProxy::start(([127, 0, 0, 1], pg_port).into())
@@ -413,23 +392,6 @@ fn url_port(url: &str) -> Option<u16> {
     host.rsplit_once(':')?.1.parse().ok()
 }
 
-/// Single NATS, etcd and Redis servers.
-struct SingleServers {
-    nats: LocalServer,
-    etcd: LocalServer,
-    redis: LocalServer,
-}
-
-/// NATS, etcd and Redis of a run: single servers or clusters.
-enum Engines {
-    Single(Box<SingleServers>),
-    Cluster {
-        nats: NatsCluster,
-        etcd: EtcdCluster,
-        redis: RedisCluster,
-    },
-}
-
 /// The private servers a run breaks.
 struct Servers {
     engines: Engines,
@@ -442,20 +404,7 @@ impl Servers {
     /// proxy); clustered engines replicate every stream three times.
     fn config(&self, database: &ScratchDatabase) -> Config {
         let mut config = Config::default();
-        match &self.engines {
-            Engines::Single(single) => {
-                let SingleServers { nats, etcd, redis } = single.as_ref();
-                config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
-                config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
-                config.redis.addr = format!("127.0.0.1:{}", redis.port);
-            }
-            Engines::Cluster { nats, etcd, redis } => {
-                config.nats.url = SecretUrl::new(nats.url());
-                config.etcd.endpoints = etcd.endpoints();
-                config.redis.cluster_addrs = redis.addrs();
-                config.consumer.stream_replicas = 3;
-            }
-        }
+        self.engines.wire(&mut config);
         config.database.url = SecretUrl::new(database.url(Some(self.sql_proxy.addr.port())));
         config
     }
@@ -487,7 +436,8 @@ impl Servers {
                 etcd.start().await?;
                 Ok(0)
             }
-            Engines::Cluster { nats, etcd, redis } => {
+            Engines::Cluster(clusters) => {
+                let Clusters { nats, etcd, redis } = clusters.as_mut();
                 let (leader, _) = nats
                     .stream_peers(client, &config.consumer.stream)
                     .await

@@ -186,9 +186,7 @@ impl Stack {
     /// failures show quickly.
     pub fn config(&self) -> Config {
         let mut c = quick_config(&self.db);
-        c.nats.url = SecretUrl::new(self.nats_url());
-        c.etcd.endpoints = vec![format!("http://127.0.0.1:{}", self.etcd.port)];
-        c.redis.addr = format!("127.0.0.1:{}", self.redis.port);
+        crate::engines::wire_servers(&mut c, &self.nats, &self.etcd, &self.redis);
         c
     }
 
@@ -351,10 +349,7 @@ impl ClusterStack {
 
     pub fn config(&self) -> Config {
         let mut c = quick_config(&self.db);
-        c.nats.url = SecretUrl::new(self.nats.url());
-        c.etcd.endpoints = self.etcd.endpoints();
-        c.redis.cluster_addrs = self.redis.addrs();
-        c.consumer.stream_replicas = 3;
+        crate::engines::wire_clusters(&mut c, &self.nats, &self.etcd, &self.redis);
         c
     }
 

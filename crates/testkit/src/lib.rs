@@ -14,6 +14,7 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod engines;
 pub mod fault_proxy;
 pub mod harness;
 pub mod servers;

@@ -54,8 +54,8 @@ use resonance_task::config::{Config, SecretUrl};
 use resonance_task::proto::PushEvent;
 use resonance_task::store::{MemberError, MemberStore, SessionSeed};
 use resonance_testkit::certs::DevPki;
-use resonance_testkit::cluster::{EtcdCluster, NatsCluster, RedisCluster};
-use resonance_testkit::servers::{self, LocalServer, StackError};
+use resonance_testkit::engines::Engines;
+use resonance_testkit::servers::StackError;
 
 pub use drivers::Mode;
 pub use mix::{DEFAULT_MIX, MixSpec};
@@ -448,51 +448,6 @@ pub(crate) struct Bench {
     progress: bool,
 }
 
-/// The benchmark's NATS, etcd and Redis: single servers or clusters.
-enum Engines {
-    Single(Box<[LocalServer; 3]>),
-    Cluster(NatsCluster, EtcdCluster, RedisCluster),
-}
-
-impl Engines {
-    async fn start(cluster: bool) -> Result<Self, BenchError> {
-        Ok(if cluster {
-            let (nats, etcd, redis) = tokio::try_join!(
-                NatsCluster::start(3),
-                EtcdCluster::start(3),
-                RedisCluster::start(3)
-            )?;
-            Self::Cluster(nats, etcd, redis)
-        } else {
-            let (nats, etcd, redis) = tokio::try_join!(
-                servers::nats_server(),
-                servers::etcd_server(),
-                servers::redis_server()
-            )?;
-            Self::Single(Box::new([nats, etcd, redis]))
-        })
-    }
-
-    /// Points `config` at these servers; clusters replicate every stream
-    /// three times.
-    fn wire(&self, config: &mut Config) {
-        match self {
-            Self::Single(s) => {
-                let [nats, etcd, redis] = s.as_ref();
-                config.nats.url = SecretUrl::new(format!("nats://127.0.0.1:{}", nats.port));
-                config.etcd.endpoints = vec![format!("http://127.0.0.1:{}", etcd.port)];
-                config.redis.addr = format!("127.0.0.1:{}", redis.port);
-            }
-            Self::Cluster(nats, etcd, redis) => {
-                config.nats.url = SecretUrl::new(nats.url());
-                config.etcd.endpoints = etcd.endpoints();
-                config.redis.cluster_addrs = redis.addrs();
-                config.consumer.stream_replicas = 3;
-            }
-        }
-    }
-}
-
 impl Bench {
     /// With `tls`, gateways serve mutual TLS with its server certificate
     /// and pods connect with its client certificate; with `cluster`, the
@@ -505,7 +460,7 @@ impl Bench {
         tls: Option<&DevPki>,
         cluster: bool,
     ) -> Result<Self, BenchError> {
-        let engines = Engines::start(cluster).await?;
+        let engines = Engines::start(cluster, false).await?;
         let dir = tempfile::tempdir().map_err(setup)?;
         let mut config = Config::default();
         config.consumer.worker_count = tuning.consumer.worker_count;
