@@ -42,20 +42,27 @@ async fn every_mode_delivers_what_it_submitted() {
     assert!(report.to_text().contains("batch_vs_serial"));
 }
 
-/// `--tls`: the batch mode over mutual TLS delivers everything it submits,
-/// beside a plaintext run of the same size.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tls_comparison_delivers_over_mutual_tls() {
-    let report = bench::run(BenchOptions {
+/// A small batch-mode run, for the side-by-side comparisons.
+fn small_batch_run() -> BenchOptions {
+    BenchOptions {
         modes: vec![Mode::Batch],
         group_size: 40,
         gateways: 2,
         deliveries: 4_000,
         latency_group_size: 10,
         latency_seconds: 0.2,
-        tls: true,
         progress: false,
         ..Default::default()
+    }
+}
+
+/// `--tls`: the batch mode over mutual TLS delivers everything it submits,
+/// beside a plaintext run of the same size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_comparison_delivers_over_mutual_tls() {
+    let report = bench::run(BenchOptions {
+        tls: true,
+        ..small_batch_run()
     })
     .await
     .expect("bench runs");
@@ -72,15 +79,8 @@ async fn the_tls_comparison_delivers_over_mutual_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_comparison_delivers_on_clustered_engines() {
     let report = bench::run(BenchOptions {
-        modes: vec![Mode::Batch],
-        group_size: 40,
-        gateways: 2,
-        deliveries: 4_000,
-        latency_group_size: 10,
-        latency_seconds: 0.2,
         cluster: true,
-        progress: false,
-        ..Default::default()
+        ..small_batch_run()
     })
     .await
     .expect("bench runs");
