@@ -4,10 +4,13 @@
 //! round trip per member.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::io::Write;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
+use memchr::memmem;
+use redis::RedisWrite;
 use serde::{Deserialize, Serialize};
 
 use super::redis::{RedisClient, RedisError};
@@ -76,9 +79,15 @@ impl RouteStore {
         usernames
             .chunks(self.chunk_size)
             .map(|chunk| {
+                // Keys are written straight into the command's buffer,
+                // sized once: a member's key allocates nothing of its own.
                 let mut cmd = redis::cmd("MGET");
+                cmd.reserve_space_for_args(chunk.iter().map(|u| ROUTE_KEY_PREFIX.len() + u.len()));
                 for u in chunk {
-                    cmd.arg(route_key(u));
+                    let mut arg = cmd.writer_for_next_arg();
+                    arg.write_all(ROUTE_KEY_PREFIX.as_bytes())
+                        .and_then(|()| arg.write_all(u.as_bytes()))
+                        .expect("a command's buffer takes any bytes");
                 }
                 cmd
             })
@@ -164,6 +173,10 @@ fn parse_route(username: &str, raw: &[u8]) -> Option<Route> {
 
 /// Just the gateway id of a route value, borrowed from it where possible.
 fn parse_gateway_id<'a>(username: &str, raw: &'a [u8]) -> Option<Cow<'a, str>> {
+    if let Some(id) = scan_gateway_id(raw) {
+        usable(username, Ok(id))?;
+        return Some(Cow::Borrowed(id));
+    }
     #[derive(Deserialize)]
     struct Target<'a> {
         #[serde(borrow)]
@@ -172,6 +185,44 @@ fn parse_gateway_id<'a>(username: &str, raw: &'a [u8]) -> Option<Cow<'a, str>> {
     let target = serde_json::from_slice::<Target>(raw);
     usable(username, target.as_ref().map(|t| t.gateway_id.as_ref()))?;
     target.ok().map(|t| t.gateway_id)
+}
+
+static GATEWAY_ID_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(br#""gateway_id""#));
+
+/// The gateway id of a route value found without decoding the rest of it,
+/// for the values the logic service writes: a flat object with no escape
+/// before the end of an unescaped `gateway_id` string. Every recipient
+/// costs one route, and decoding all of its fields to keep one cost about
+/// three times this scan. `None` sends the value to the full decoder: an
+/// escape, a nested value or a second `gateway_id`, anything unusual.
+///
+/// With no backslash before it, every quote is a string's delimiter, so
+/// the first `"gateway_id"` followed by a colon is a key, and with no `{`
+/// or `[` before it, a key of the outer object.
+fn scan_gateway_id(raw: &[u8]) -> Option<&str> {
+    let json_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    if raw.first() != Some(&b'{') || raw.iter().rev().find(|b| !json_space(b)) != Some(&b'}') {
+        return None;
+    }
+    let at = GATEWAY_ID_KEY.find(raw)?;
+    if memchr::memchr3(b'\\', b'{', b'[', &raw[1..at]).is_some() {
+        return None;
+    }
+    let mut rest = raw[at + GATEWAY_ID_KEY.needle().len()..].iter();
+    let mut next_token = || rest.by_ref().find(|b| !json_space(b)).copied();
+    if next_token() != Some(b':') || next_token() != Some(b'"') {
+        return None;
+    }
+    let value = rest.as_slice();
+    let end = memchr::memchr2(b'"', b'\\', value)?;
+    if value[end] != b'"'
+        || value[..end].iter().any(|b| *b < 0x20)
+        || GATEWAY_ID_KEY.find(&value[end..]).is_some()
+    {
+        return None;
+    }
+    std::str::from_utf8(&value[..end]).ok()
 }
 
 /// Logs why a route value is unusable (a malformed route must not block
@@ -196,6 +247,88 @@ fn usable(username: &str, gateway_id: Result<&str, &serde_json::Error>) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// What the full decoder makes of a value.
+    fn decoded(raw: &[u8]) -> Option<String> {
+        serde_json::from_slice::<Route>(raw)
+            .ok()
+            .map(|r| r.gateway_id)
+    }
+
+    proptest! {
+        /// Whatever the fields hold (quotes, backslashes, braces, control
+        /// characters, any script) and however the value is laid out, the
+        /// scan finds what decoding finds or leaves the value to it.
+        #[test]
+        fn the_scan_agrees_with_decoding(
+            username in "\\PC{0,12}|[\"\\\\{}\\[\\]:, \\x00-\\x1f]{0,6}|x?\"gateway_id\":\"[a-z]{0,3}",
+            gateway_id in "\\PC{0,12}|[a-z0-9-]{1,12}|[\"\\\\]{0,3}",
+            remote_ip in "\\PC{0,8}",
+            pretty in any::<bool>(),
+            id_first in any::<bool>(),
+        ) {
+            let route = Route { username, gateway_id, remote_ip, timestamp: 1_700_000_000_000 };
+            let mut value = serde_json::to_value(&route).unwrap();
+            if id_first {
+                // Fields in another order, as another writer might lay them out.
+                let object = value.as_object_mut().unwrap();
+                let id = object.remove("gateway_id").unwrap();
+                let mut reordered = serde_json::Map::new();
+                reordered.insert("gateway_id".into(), id);
+                reordered.extend(std::mem::take(object));
+                value = reordered.into();
+            }
+            let raw = if pretty {
+                serde_json::to_vec_pretty(&value).unwrap()
+            } else {
+                serde_json::to_vec(&value).unwrap()
+            };
+            if let Some(id) = scan_gateway_id(&raw) {
+                prop_assert_eq!(Some(id.to_string()), decoded(&raw));
+            }
+            prop_assert_eq!(
+                parse_gateway_id(&route.username, &raw).map(Cow::into_owned),
+                decoded(&raw).filter(|id| !id.is_empty())
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_route_is_read_without_decoding() {
+        let raw = br#"{"username":"alice","gateway_id":"gateway-001","remote_ip":"1.2.3.4","timestamp":1700000000000}"#;
+        assert_eq!(scan_gateway_id(raw), Some("gateway-001"));
+        let spaced = b"{ \"gateway_id\" :\n \"g-2\" , \"username\": \"b\" }\n";
+        assert_eq!(scan_gateway_id(spaced), Some("g-2"));
+    }
+
+    #[test]
+    fn unusual_values_go_to_the_decoder() {
+        for raw in [
+            // an escape before the key: the match may sit inside a string
+            &br#"{"username":"x\"gateway_id\":\"evil","gateway_id":"real"}"#[..],
+            // a nested object holding the key
+            br#"{"meta":{"gateway_id":"inner"},"gateway_id":"outer"}"#,
+            // an escaped id
+            br#"{"gateway_id":"gate\u0077ay-2"}"#,
+            // the key twice
+            br#"{"gateway_id":"a","gateway_id":"b"}"#,
+            // cut short
+            br#"{"gateway_id":"a""#,
+            br#"["gateway_id","a"]"#,
+        ] {
+            assert_eq!(
+                scan_gateway_id(raw),
+                None,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let tricky = br#"{"username":"x\"gateway_id\":\"evil","gateway_id":"real"}"#;
+        assert_eq!(parse_gateway_id("x", tricky).as_deref(), Some("real"));
+        let nested = br#"{"meta":{"gateway_id":"inner"},"gateway_id":"outer"}"#;
+        assert_eq!(parse_gateway_id("x", nested).as_deref(), Some("outer"));
+    }
 
     #[test]
     fn key_layout_matches_the_contract() {
