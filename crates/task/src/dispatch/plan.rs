@@ -2,7 +2,7 @@
 //! routes, decide which recipients go to which gateway and which are
 //! offline. Every member ends up in exactly one place.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::registry::{GatewayEndpoint, GatewayMap};
 use std::sync::Arc;
@@ -90,7 +90,10 @@ pub fn split<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
 /// input order.
 pub fn plan(recipients: Vec<String>, routes: Vec<Option<Arc<str>>>, gateways: &GatewayMap) -> Plan {
     debug_assert_eq!(recipients.len(), routes.len());
-    let mut by_gateway: HashMap<Arc<str>, GatewayBatch> = HashMap::new();
+    // A recipient costs one lookup here: foldhash (seeded per process)
+    // rather than SipHash, as the keys are gateway ids, the registry's
+    // few, not names a client picks.
+    let mut by_gateway: foldhash::HashMap<Arc<str>, GatewayBatch> = Default::default();
     let mut offline = Vec::new();
     for (user, route) in recipients.into_iter().zip(routes) {
         let Some(gateway_id) = route else {

@@ -145,19 +145,21 @@ impl RouteStore {
 }
 
 /// The gateway id of each user from its raw route value (`None` as in
-/// [`RouteStore::lookup`]), each distinct id allocated once.
+/// [`RouteStore::lookup`]), each distinct id allocated once. Ids already
+/// seen are found by hash, so a recipient costs the same whether the fleet
+/// has four gateways or a hundred.
 fn gateway_ids_of(usernames: &[String], raw: Vec<Option<Vec<u8>>>) -> Vec<Option<Arc<str>>> {
-    let mut seen: Vec<Arc<str>> = Vec::new();
+    let mut seen: foldhash::HashSet<Arc<str>> = Default::default();
     raw.into_iter()
         .zip(usernames)
         .map(|(raw, username)| {
             let raw = raw?;
             let id = parse_gateway_id(username, &raw)?;
-            match seen.iter().find(|s| ***s == *id) {
+            match seen.get(id.as_ref()) {
                 Some(known) => Some(known.clone()),
                 None => {
                     let new: Arc<str> = id.as_ref().into();
-                    seen.push(new.clone());
+                    seen.insert(new.clone());
                     Some(new)
                 }
             }
