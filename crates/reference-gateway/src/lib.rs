@@ -254,7 +254,7 @@ impl Ledger {
         let message = request.message.unwrap_or_default();
         let mut r = self.received.lock().expect("ledger lock");
         r.pending = r.pending.saturating_sub(1);
-        note_trace(&mut r, &message, &request.trace_headers);
+        self.note_trace(&mut r, &message, &request.trace_headers);
         let now_us = unix_micros();
         let error = if self.deliver(&mut r, &request.to_username, &message, now_us) {
             String::new()
@@ -273,7 +273,7 @@ impl Ledger {
         let mut r = self.received.lock().expect("ledger lock");
         r.pending = r.pending.saturating_sub(1);
         r.batches += 1;
-        note_trace(&mut r, &message, &request.trace_headers);
+        self.note_trace(&mut r, &message, &request.trace_headers);
         let now_us = unix_micros();
         let failed = request
             .to_usernames
@@ -327,6 +327,21 @@ impl Ledger {
         true
     }
 
+    /// Keeps the first trace context of each message, when tracking.
+    fn note_trace(
+        &self,
+        r: &mut Received,
+        message: &PushMessage,
+        headers: &HashMap<String, String>,
+    ) {
+        if !self.track_deliveries {
+            return;
+        }
+        if let Some(tp) = headers.get("traceparent") {
+            r.traces.entry(message.msg_id).or_insert_with(|| tp.clone());
+        }
+    }
+
     fn arrived(&self) {
         let mut r = self.received.lock().expect("ledger lock");
         r.pending += 1;
@@ -347,7 +362,8 @@ impl Ledger {
         self.received.lock().expect("ledger lock").streams += 1;
     }
 
-    /// The trace context the first push of `msg_id` carried.
+    /// The trace context the first push of `msg_id` carried (kept only
+    /// when deliveries are tracked).
     pub fn traceparent(&self, msg_id: i64) -> Option<String> {
         self.received
             .lock()
@@ -406,12 +422,6 @@ impl Ledger {
                 .map(|v| (v.value_iterated_to(), v.count_at_value()))
                 .collect(),
         }
-    }
-}
-
-fn note_trace(r: &mut Received, message: &PushMessage, headers: &HashMap<String, String>) {
-    if let Some(tp) = headers.get("traceparent") {
-        r.traces.entry(message.msg_id).or_insert_with(|| tp.clone());
     }
 }
 
@@ -924,6 +934,28 @@ mod tests {
         assert_eq!(ledger.count("a", 7), 2);
         assert_eq!(ledger.count("c", 7), 0);
         assert_eq!(s.latency_us.iter().map(|(_, c)| c).sum::<u64>(), 3);
+    }
+
+    /// Without tracking, memory stays flat however many pushes arrive:
+    /// nothing is kept per message, trace context included.
+    #[test]
+    fn an_untracked_ledger_keeps_nothing_per_message() {
+        let mut ledger = Ledger::new("g".into(), &["a".to_string()]);
+        ledger.track_deliveries = false;
+        for msg_id in 0..100 {
+            let mut traced = request("a", msg_id);
+            traced.trace_headers.insert(
+                "traceparent".into(),
+                format!("00-{msg_id:032x}-00f067aa0ba902b7-01"),
+            );
+            ledger.answer(traced);
+        }
+        let r = ledger.received.lock().unwrap();
+        assert_eq!(r.received, 100);
+        assert_eq!(
+            (r.deliveries.len(), r.arrivals.len(), r.traces.len()),
+            (0, 0, 0)
+        );
     }
 
     #[test]
