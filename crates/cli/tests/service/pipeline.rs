@@ -760,8 +760,13 @@ async fn a_settled_small_event_costs_redis_no_script_and_no_progress_write() {
     let count = |name: &str| calls.get(name).copied().unwrap_or(0);
     assert_eq!(
         count("mget"),
-        events as u64,
-        "one route lookup per event: {calls:?}"
+        2 * events as u64,
+        "the claim's read of the settled mark and progress, and one route lookup, per event: {calls:?}"
+    );
+    assert_eq!(
+        count("exists") + count("get"),
+        0,
+        "nothing else read: {calls:?}"
     );
     assert_eq!(count("eval") + count("evalsha"), 0, "no script: {calls:?}");
     assert_eq!(count("append"), 0, "no progress write: {calls:?}");

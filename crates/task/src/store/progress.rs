@@ -50,6 +50,10 @@ const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redi
 /// Extends the lease only if it is still ours.
 const RENEW: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
 
+/// The claim's answers: the lease's `SET NX`, then the settled mark and
+/// the progress.
+type ClaimAnswer = (Option<String>, (Option<redis::Value>, Option<Vec<u8>>));
+
 /// What is known about an event before its fan-out.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -109,13 +113,14 @@ impl ProgressStore {
             .arg("NX")
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64);
-        let mut exists = redis::cmd("EXISTS");
-        exists.arg(settled_key(msg_id));
-        let mut get = redis::cmd("GET");
-        get.arg(delivered_key(msg_id));
-        let (claim, also) = self.redis.together(vec![set, exists, get], also).await?;
-        let (claimed, settled, delivered): (Option<String>, bool, Option<Vec<u8>>) =
+        // The settled mark and the progress in one command: Redis's cost
+        // is mostly per command, not per key.
+        let mut read = redis::cmd("MGET");
+        read.arg(settled_key(msg_id)).arg(delivered_key(msg_id));
+        let (claim, also) = self.redis.together(vec![set, read], also).await?;
+        let (claimed, (settled, delivered)): ClaimAnswer =
             self.redis.parse(redis::Value::Array(claim))?;
+        let settled = settled.is_some();
         let busy = claimed.is_none();
         let busy_for = if busy && !settled {
             // Rare: asked only when another handler holds the event.
