@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tracing::level_filters::LevelFilter;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -149,18 +150,20 @@ fn start(cli: Cli) -> Result<()> {
         print!("{}", config.to_redacted_yaml());
         return Ok(());
     }
-    #[cfg(feature = "devtools")]
-    let config = {
-        let mut config = config;
-        if let Command::Dev(dev) = &cli.command
-            && dev.quiet_logs()
-            && config.log.level == resonance_task::config::LogConfig::default().level
+    let printed = match &cli.command {
+        #[cfg(feature = "devtools")]
+        Command::Dev(dev)
+            if dev.quiet_logs()
+                && config.log.level == resonance_task::config::LogConfig::default().level =>
         {
-            config.log.level = "warn".into();
+            Some(LevelFilter::WARN)
         }
-        config
+        _ => None,
     };
-    telemetry::init(&config.log);
+    match printed {
+        Some(floor) => telemetry::init_printing(&config.log, floor),
+        None => telemetry::init(&config.log),
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(dispatch(cli.command, config))
 }

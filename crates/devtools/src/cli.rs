@@ -69,7 +69,9 @@ pub enum DevCommand {
 
 impl DevCommand {
     /// The benchmark runs pods in this process: their info lines would
-    /// bury its table, so it logs warnings only unless told otherwise.
+    /// bury its table, so it prints warnings only unless told otherwise
+    /// (spans stay enabled at the configured level, so the pods pay for
+    /// them what a pod does).
     pub fn quiet_logs(&self) -> bool {
         matches!(self, Self::Bench(_))
     }

@@ -13,6 +13,8 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{LevelFilter, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -31,6 +33,18 @@ pub fn flush() {
 /// Spans always carry OpenTelemetry context, so trace ids propagate even
 /// when nothing exports them.
 pub fn init(cfg: &LogConfig) {
+    install(cfg, None);
+}
+
+/// As [`init`], but only events at `printed` or above are written. Spans
+/// stay enabled as `cfg` says, and still reach every layer, so a process
+/// that runs pods beside output of its own (the benchmark) pays for them
+/// what a pod pays, and keeps its output readable.
+pub fn init_printing(cfg: &LogConfig, printed: LevelFilter) {
+    install(cfg, Some(printed));
+}
+
+fn install(cfg: &LogConfig, printed: Option<LevelFilter>) {
     if PROVIDER.get().is_some() {
         return;
     }
@@ -56,17 +70,39 @@ pub fn init(cfg: &LogConfig) {
     let provider = PROVIDER.get_or_init(|| provider.build());
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("resonance-task"));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
-    let _ = match cfg.format {
-        LogFormat::Console => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr),
-            )
+    let lines = match cfg.format {
+        LogFormat::Console => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let _ = match printed {
+        None => registry.with(lines).try_init(),
+        Some(floor) => registry
+            .with(lines.with_filter(filter_fn(move |m| m.is_span() || *m.level() <= floor)))
             .try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The benchmark's way of logging: the configured level (`info` by
+    /// default) still decides which spans exist, so its pods pay for their
+    /// `dispatch` spans; only the printing is narrowed.
+    #[test]
+    fn printing_only_warnings_keeps_spans_at_the_configured_level() {
+        let cfg = LogConfig {
+            level: "info".into(),
+            ..LogConfig::default()
+        };
+        init_printing(&cfg, LevelFilter::WARN);
+        assert!(!tracing::info_span!("dispatch").is_disabled());
+        assert!(tracing::debug_span!("gateway_batch").is_disabled());
+    }
 }
