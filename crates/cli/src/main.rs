@@ -150,19 +150,15 @@ fn start(cli: Cli) -> Result<()> {
         print!("{}", config.to_redacted_yaml());
         return Ok(());
     }
-    let printed = match &cli.command {
-        #[cfg(feature = "devtools")]
-        Command::Dev(dev)
-            if dev.quiet_logs()
-                && config.log.level == resonance_task::config::LogConfig::default().level =>
-        {
-            Some(LevelFilter::WARN)
-        }
-        _ => None,
-    };
-    match printed {
-        Some(floor) => telemetry::init_printing(&config.log, floor),
-        None => telemetry::init(&config.log),
+    #[cfg(feature = "devtools")]
+    let quiet = matches!(&cli.command, Command::Dev(dev) if dev.quiet_logs())
+        && config.log.level == resonance_task::config::LogConfig::default().level;
+    #[cfg(not(feature = "devtools"))]
+    let quiet = false;
+    if quiet {
+        telemetry::init_printing(&config.log, LevelFilter::WARN);
+    } else {
+        telemetry::init(&config.log);
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(dispatch(cli.command, config))
