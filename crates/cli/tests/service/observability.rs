@@ -190,6 +190,36 @@ async fn trace_context_reaches_the_gateway() {
     g1.stop().await;
 }
 
+/// A pod whose stderr goes to a file (a container runtime, a log shipper)
+/// writes plain text: terminal colour codes would end up in every stored
+/// line and in every search over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_logging_to_a_file_writes_no_terminal_codes() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let config = stack.config();
+    let nats = stack.nats().await;
+    let pod = PodProcess::spawn(&config);
+    wait_consuming(&nats, &config).await;
+    publish(&nats, &config.consumer.topic, &event(1, "g", "a")).await;
+    eventually("delivered", || async { g1.ledger.count("b", 1) == 1 }).await;
+    pod.signal("TERM");
+    let (status, log) = pod.wait_with_log().await;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("INFO"), "the pod logged at info: {log}");
+    let coloured: Vec<&str> = log.lines().filter(|l| l.contains('\x1b')).collect();
+    assert!(
+        coloured.is_empty(),
+        "{} of {} lines carry terminal codes, e.g. {:?}",
+        coloured.len(),
+        log.lines().count(),
+        coloured[0]
+    );
+    g1.stop().await;
+}
+
 /// Dashboard panels whose query is empty on a healthy system, and why.
 const EMPTY_UNTIL_SOMETHING_FAILS: &[(&str, &str)] = &[
     (

@@ -72,6 +72,7 @@ fn install(cfg: &LogConfig, printed: Option<LevelFilter>) {
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let lines = match cfg.format {
         LogFormat::Console => tracing_subscriber::fmt::layer()
+            .with_ansi(colours_wanted())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -86,6 +87,14 @@ fn install(cfg: &LogConfig, printed: Option<LevelFilter>) {
             .with(lines.with_filter(filter_fn(move |m| m.is_span() || *m.level() <= floor)))
             .try_init(),
     };
+}
+
+/// Colour codes only for a person at a terminal: stderr redirected to a
+/// file or a pipe (a container runtime, a log shipper) gets plain text,
+/// and `NO_COLOR` (set and not empty) turns them off anywhere.
+fn colours_wanted() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]
