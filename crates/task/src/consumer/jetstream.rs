@@ -420,7 +420,10 @@ impl<H: MessageHandler> Intake<H> {
         let stored = info
             .as_ref()
             .map(|i| (i.stream_sequence, i.published.unix_timestamp_nanos()));
-        let decision = with_progress_acks(&message, self.cfg.ack_wait / 3, async {
+        // Built in place and pinned here: the handling's state is large,
+        // and a future passed by value is copied into each frame it
+        // crosses.
+        let work = std::pin::pin!(async {
             let attempt = Attempt { delivery };
             let decision = self
                 .handler
@@ -432,9 +435,11 @@ impl<H: MessageHandler> Intake<H> {
                     turn,
                 )
                 .await;
+            // The rare paths are boxed, so their state takes a pointer's
+            // room in every event's future rather than the largest path's.
             let decision = match decision {
                 Decision::Retry { reason, delay } => {
-                    self.count_failure(stored, reason, delivery, delay).await
+                    Box::pin(self.count_failure(stored, reason, delivery, delay)).await
                 }
                 d => d,
             };
@@ -447,8 +452,8 @@ impl<H: MessageHandler> Intake<H> {
                         stream_sequence,
                         subject: message.subject.as_str(),
                     };
-                    if self.store_dead_letter(&message, &info, abort).await {
-                        self.handler.dead_lettered(&message.payload).await;
+                    if Box::pin(self.store_dead_letter(&message, &info, abort)).await {
+                        Box::pin(self.handler.dead_lettered(&message.payload)).await;
                         Decision::DeadLetter { reason, last_error }
                     } else {
                         Decision::SHUTDOWN
@@ -456,8 +461,8 @@ impl<H: MessageHandler> Intake<H> {
                 }
                 d => d,
             }
-        })
-        .await;
+        });
+        let decision = with_progress_acks(&message, self.cfg.ack_wait / 3, work).await;
         let kind = match &decision {
             Decision::Ack | Decision::Duplicate => AckKind::Ack,
             Decision::Retry { delay, .. } => AckKind::Nak(Some(*delay)),
@@ -615,16 +620,15 @@ impl<'a> Puller<'a> {
 }
 
 /// Runs `work`, sending in-progress acks for `message` every `period`.
-async fn with_progress_acks<T>(
+async fn with_progress_acks<F: std::future::Future>(
     message: &jetstream::Message,
     period: Duration,
-    work: impl std::future::Future<Output = T>,
-) -> T {
+    mut work: std::pin::Pin<&mut F>,
+) -> F::Output {
     let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-    tokio::pin!(work);
     loop {
         tokio::select! {
-            out = &mut work => return out,
+            out = work.as_mut() => return out,
             _ = tick.tick() => {
                 if let Err(e) = message.ack_with(AckKind::Progress).await {
                     tracing::debug!(error = %e, "in-progress ack not sent");
