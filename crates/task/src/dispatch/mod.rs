@@ -294,7 +294,9 @@ impl Dispatcher {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tick.tick().await;
-            if let Err(e) = progress.renew(msg_id, token, progress.lease_ttl()).await {
+            // Boxed: few events live long enough to renew, and the renewal's
+            // state would otherwise take room in every event's future.
+            if let Err(e) = Box::pin(progress.renew(msg_id, token, progress.lease_ttl())).await {
                 tracing::warn!(msg_id, error = %e, "claim not renewed; retrying at the next tick");
             }
         }
@@ -488,24 +490,10 @@ impl Dispatcher {
             None => None,
         };
         let (Some(members), Some(progress)) = (cached, &self.progress) else {
-            let (members, progress) = tokio::join!(
-                self.members.lookup(&event.session_id, self.window()),
-                self.claim(event.msg_id, token)
-            );
-            let looked = match members? {
-                Members::Whole(names) => {
-                    self.check_members(event, names.len())?;
-                    Looked::Whole(names)
-                }
-                Members::Streaming(stream) => {
-                    let size = stream
-                        .count(self.limits.max_members.saturating_add(1))
-                        .await?;
-                    self.check_members(event, size)?;
-                    Looked::Streaming { stream, size }
-                }
-            };
-            return Ok((looked, progress?, None));
+            // Boxed: the read's state is large and taken by few events, so
+            // the rest do not carry room for it.
+            let (looked, progress) = Box::pin(self.read_and_claim(event, token)).await?;
+            return Ok((looked, progress, None));
         };
         self.check_members(event, members.len())?;
         let (picked, _) = plan::recipients(
@@ -531,6 +519,33 @@ impl Dispatcher {
                 routes: (first, routes),
             }),
         ))
+    }
+
+    /// The session's members read (from SQL unless cached) beside the
+    /// event's claim, for a session whose members were not at hand.
+    async fn read_and_claim(
+        &self,
+        event: &PushEvent,
+        token: &str,
+    ) -> Result<(Looked, Progress), DispatchError> {
+        let (members, progress) = tokio::join!(
+            self.members.lookup(&event.session_id, self.window()),
+            self.claim(event.msg_id, token)
+        );
+        let looked = match members? {
+            Members::Whole(names) => {
+                self.check_members(event, names.len())?;
+                Looked::Whole(names)
+            }
+            Members::Streaming(stream) => {
+                let size = stream
+                    .count(self.limits.max_members.saturating_add(1))
+                    .await?;
+                self.check_members(event, size)?;
+                Looked::Streaming { stream, size }
+            }
+        };
+        Ok((looked, progress?))
     }
 
     fn check_members(&self, event: &PushEvent, members: usize) -> Result<(), DispatchError> {
