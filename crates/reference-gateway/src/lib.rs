@@ -394,6 +394,13 @@ impl Ledger {
         r.deliveries.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
+    /// Pushes delivered so far: the count alone, for callers that poll
+    /// it while pushes arrive (building [`Ledger::stats`] walks the whole
+    /// latency histogram under the lock the pushes take).
+    pub fn received(&self) -> u64 {
+        self.received.lock().expect("ledger lock").received
+    }
+
     pub fn stats(&self) -> GatewayStats {
         let r = self.received.lock().expect("ledger lock");
         let mut per_msg = BTreeMap::new();
@@ -924,6 +931,7 @@ mod tests {
             (s.received, s.distinct, s.duplicates, s.rejected),
             (3, 2, 1, 1)
         );
+        assert_eq!(ledger.received(), 3);
         assert_eq!(
             s.per_msg.get(&7),
             Some(&MsgCount {

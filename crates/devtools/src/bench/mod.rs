@@ -599,10 +599,7 @@ impl Bench {
     }
 
     pub(crate) fn delivered(&self) -> u64 {
-        self.gateways
-            .iter()
-            .map(|g| g.ledger.stats().received)
-            .sum()
+        self.gateways.iter().map(|g| g.ledger.received()).sum()
     }
 
     /// Submits an event to each of `events` in turn at `rate` per second

@@ -83,7 +83,7 @@ pub(crate) async fn run(
         for g in &bench.gateways {
             g.ledger.reset_latency();
         }
-        let base = bench.delivered() + gateway.ledger.stats().received;
+        let base = bench.delivered() + gateway.ledger.received();
         let expected = (normal_events * sessions[0].members.len()) as u64 + high_events as u64 * 2;
         let normal = async {
             let mut pacer = crate::publish::Pacer::new(rate);
@@ -108,7 +108,7 @@ pub(crate) async fn run(
         };
         let arrived = async {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
-            while bench.delivered() + gateway.ledger.stats().received - base < expected {
+            while bench.delivered() + gateway.ledger.received() - base < expected {
                 if tokio::time::Instant::now() > deadline {
                     return Err(super::setup("the priority run did not finish in 300 s"));
                 }
