@@ -490,8 +490,9 @@ impl Dispatcher {
             None => None,
         };
         let (Some(members), Some(progress)) = (cached, &self.progress) else {
-            // Boxed: the read's state is large and taken by few events, so
-            // the rest do not carry room for it.
+            // Boxed: the read's state is large, and an event of a cached
+            // session (most of them) never takes it, so need not carry
+            // room for it.
             let (looked, progress) = Box::pin(self.read_and_claim(event, token)).await?;
             return Ok((looked, progress, None));
         };
