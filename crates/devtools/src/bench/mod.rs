@@ -316,7 +316,7 @@ impl BenchReport {
         }
         if let Some(p) = &self.priority {
             out.push_str(&format!(
-                "priority: {} normal events/s of {} members (over the peak) and {} one-to-one high events: high p50 {:.1} ms p99 {:.1} ms (lanes off: p50 {:.1} ms p99 {:.1} ms); normal p99 {:.1} ms\n",
+                "priority: {} normal events/s of {} members (over the peak) and {} one-to-one high events: high p50 {:.1} ms p99 {:.1} ms (lanes off: p50 {:.1} ms p99 {:.1} ms); normal p99 {:.1} ms; backlog drained in {:.0} ms (lanes off: {:.0} ms){}\n",
                 p.normal_events_per_sec,
                 p.normal_group_size,
                 p.high_events,
@@ -324,7 +324,10 @@ impl BenchReport {
                 p.lanes_on.high_p99_ms,
                 p.lanes_off.high_p50_ms,
                 p.lanes_off.high_p99_ms,
-                p.lanes_on.normal_p99_ms
+                p.lanes_on.normal_p99_ms,
+                p.lanes_on.backlog_drain_ms,
+                p.lanes_off.backlog_drain_ms,
+                if p.saturated { "" } else { "; NOT SATURATED: the lanes had no backlog to jump" }
             ));
         }
         if let Some(t) = &self.tls {
