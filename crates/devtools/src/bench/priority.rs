@@ -84,7 +84,7 @@ pub(crate) async fn run(
     };
     let mut overload = OVERLOAD;
     let mut escalations = 0;
-    let (rate, normal_events, high_events, lanes_on, lanes_off) = loop {
+    let result = loop {
         let rate = peak_events_per_sec * overload;
         let normal_events = ((rate * seconds) as usize).max(sessions.len());
         let high_events = ((HIGH_RATE * seconds) as usize).max(1);
@@ -99,8 +99,17 @@ pub(crate) async fn run(
         let lanes_on = measure(bench, &load, true).await?;
         let lanes_off = measure(bench, &load, false).await?;
         let drained_ms = lanes_on.backlog_drain_ms.min(lanes_off.backlog_drain_ms);
-        if drained_ms >= seconds * 1000.0 * SATURATED_DRAIN || escalations == ESCALATIONS {
-            break (rate, normal_events, high_events, lanes_on, lanes_off);
+        let saturated = drained_ms >= seconds * 1000.0 * SATURATED_DRAIN;
+        if saturated || escalations == ESCALATIONS {
+            break PriorityResult {
+                normal_group_size: sessions[0].members.len(),
+                normal_events_per_sec: rate.round(),
+                normal_events,
+                high_events,
+                saturated,
+                lanes_on,
+                lanes_off,
+            };
         }
         tracing::warn!(
             offered_events_per_sec = rate.round(),
@@ -111,17 +120,7 @@ pub(crate) async fn run(
         escalations += 1;
     };
     gateway.stop().await;
-    let saturated = lanes_on.backlog_drain_ms.min(lanes_off.backlog_drain_ms)
-        >= seconds * 1000.0 * SATURATED_DRAIN;
-    Ok(PriorityResult {
-        normal_group_size: sessions[0].members.len(),
-        normal_events_per_sec: rate.round(),
-        normal_events,
-        high_events,
-        saturated,
-        lanes_on,
-        lanes_off,
-    })
+    Ok(result)
 }
 
 /// What one measurement offers the pod.
