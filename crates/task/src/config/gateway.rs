@@ -46,7 +46,7 @@ impl Default for GatewayPoolConfig {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
-            max_in_flight: 2048,
+            max_in_flight: 8192,
             max_backoff: Duration::from_secs(10),
             push_protocol: PushProtocolChoice::Auto,
             tls: TlsConfig::default(),
