@@ -426,17 +426,36 @@ impl<'a, W: Wire> Call<'a, W> {
         requests: mpsc::Sender<W::Request>,
     ) -> SessionEnd {
         let mut next = Some(first);
+        // One idle timer for the call, pushed back only when it fires: a
+        // timer armed for every push would cost an insert into the timer
+        // wheel and a removal from it per push.
+        let idle = tokio::time::sleep(self.idle_timeout);
+        tokio::pin!(idle);
+        let mut last_push = Instant::now();
         loop {
             let cmd = match next.take() {
                 Some(cmd) => cmd,
-                None => match tokio::time::timeout(self.idle_timeout, commands.recv()).await {
-                    Ok(Some(cmd)) => cmd,
-                    Ok(None) => {
-                        // Senders gone: finish what is in flight, then close.
-                        self.all_answered().await;
-                        return SessionEnd::Closed;
-                    }
-                    Err(_) if self.inflight().is_empty() => {
+                None => tokio::select! {
+                    biased;
+                    cmd = commands.recv() => match cmd {
+                        Some(cmd) => cmd,
+                        None => {
+                            // Senders gone: finish what is in flight, then close.
+                            self.all_answered().await;
+                            return SessionEnd::Closed;
+                        }
+                    },
+                    () = &mut idle => {
+                        let now = Instant::now();
+                        let due = last_push + self.idle_timeout;
+                        if due > now {
+                            idle.as_mut().reset(due);
+                            continue;
+                        }
+                        idle.as_mut().reset(now + self.idle_timeout);
+                        if !self.inflight().is_empty() {
+                            continue;
+                        }
                         if let Some(f) = on_idle.take() {
                             f();
                             commands.close();
@@ -444,9 +463,9 @@ impl<'a, W: Wire> Call<'a, W> {
                         }
                         return SessionEnd::Idle;
                     }
-                    Err(_) => continue,
                 },
             };
+            last_push = Instant::now();
             let n = cmd.pending.recipients().len();
             let held = self
                 .permits
