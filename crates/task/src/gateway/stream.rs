@@ -465,7 +465,6 @@ impl<'a, W: Wire> Call<'a, W> {
                     }
                 },
             };
-            last_push = Instant::now();
             let n = cmd.pending.recipients().len();
             let held = self
                 .permits
@@ -473,10 +472,13 @@ impl<'a, W: Wire> Call<'a, W> {
                 .acquire_many_owned(n.min(self.max_in_flight) as u32)
                 .await
                 .expect("semaphore is never closed");
+            // One clock read per push: its deadline, and the idle timer's
+            // reference.
+            last_push = Instant::now();
             let batch = {
                 let mut guard = self.inflight();
                 let was_empty = guard.is_empty();
-                let deadline = Instant::now() + self.request_timeout;
+                let deadline = last_push + self.request_timeout;
                 let batch = W::start(&mut guard, cmd, deadline, held);
                 if was_empty {
                     self.sent.notify_one();
