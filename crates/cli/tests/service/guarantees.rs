@@ -71,6 +71,56 @@ async fn a_duplicate_publish_is_acked_without_pushing() {
     g1.stop().await;
 }
 
+/// Pods of an earlier version marked a settled event with a key of its
+/// own; while both versions share the stream (a rolling upgrade), a copy
+/// of an event they settled is still a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_an_event_an_earlier_version_settled_is_not_pushed() {
+    let stack = Stack::start().await;
+    let store = stack.db.member_store().await;
+    let g1 = stack.gateway("gateway-001", &["a", "b"]).await;
+    stack.session(&store, "g", &["a", "b"]).await;
+    let config = stack.config();
+    let redis = resonance_task::store::RedisClient::connect(&config.redis)
+        .await
+        .unwrap();
+    let _: () = redis
+        .query(
+            redis::cmd("SET")
+                .arg(resonance_task::store::settled_key(5))
+                .arg(1)
+                .arg("PX")
+                .arg(60_000),
+        )
+        .await
+        .unwrap();
+    let (nats, pod) = stack.pod(&config).await;
+    publish(&nats, &config.consumer.topic, &event(5, "g", "a")).await;
+    publish(&nats, &config.consumer.topic, &event(6, "g", "a")).await;
+    eventually("the next event delivered", || async {
+        g1.ledger.count("b", 6) == 1
+    })
+    .await;
+    wait_settled(&nats, &config).await;
+    assert_eq!(
+        g1.ledger.count("a", 5),
+        0,
+        "the settled event was not pushed"
+    );
+    assert_eq!(
+        g1.ledger.count("b", 5),
+        0,
+        "the settled event was not pushed"
+    );
+    assert_eq!(
+        g1.ledger.stats().received,
+        2,
+        "only the next event's pushes"
+    );
+    pod.stop().await;
+    g1.stop().await;
+}
+
 /// A pod SIGKILLed in the middle of large fan-outs: a new pod finishes the
 /// work, every recipient is reached, and progress tracking keeps repeats to
 /// the pushes that were in flight.

@@ -726,7 +726,7 @@ async fn redis_calls(redis: &RedisClient) -> HashMap<String, u64> {
 /// The cost of an event whose members are cached and which settles: its
 /// claim and its routes go to Redis together, its end is one write, and
 /// neither runs a script or appends progress (nothing is left to record
-/// once it settles).
+/// once it settles); what it leaves behind is one key, its settled mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settled_small_event_costs_redis_no_script_and_no_progress_write() {
     let stack = Stack::start().await;
@@ -761,7 +761,7 @@ async fn a_settled_small_event_costs_redis_no_script_and_no_progress_write() {
     assert_eq!(
         count("mget"),
         2 * events as u64,
-        "the claim's read of the settled mark and progress, and one route lookup, per event: {calls:?}"
+        "the claim's read of the lease, the settled mark and progress, and one route lookup, per event: {calls:?}"
     );
     assert_eq!(
         count("exists") + count("get"),
@@ -775,6 +775,23 @@ async fn a_settled_small_event_costs_redis_no_script_and_no_progress_write() {
         2 * events as u64,
         "a claim and a settled mark per event: {calls:?}"
     );
+    // The settled mark replaces the claim: a settled event leaves one key.
+    for id in 1..2 + events {
+        let left: Vec<String> = redis
+            .query(redis::cmd("KEYS").arg(format!("resonance:task:{{{id}}}:*")))
+            .await
+            .unwrap();
+        assert_eq!(left, [resonance_task::store::lease_key(id)], "event {id}");
+        let mark: Option<String> = redis
+            .query(redis::cmd("GET").arg(resonance_task::store::lease_key(id)))
+            .await
+            .unwrap();
+        assert_eq!(
+            mark.as_deref(),
+            Some(resonance_task::store::SETTLED),
+            "event {id}"
+        );
+    }
     pod.stop().await;
     g1.stop().await;
 }

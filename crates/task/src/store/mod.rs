@@ -18,6 +18,6 @@ pub use database::{DatabaseError, Dialect, connect_database, migrate, watch_reac
 pub use members::{MemberError, MemberStore, MemberStream, Members, SessionSeed};
 pub use membership::follow_changes as follow_membership_changes;
 pub use offline::{OfflineStore, Parked, notice_key, offline_key};
-pub use progress::{Progress, ProgressStore, delivered_key, lease_key, settled_key};
+pub use progress::{Progress, ProgressStore, SETTLED, delivered_key, lease_key, settled_key};
 pub use redis::{RedisClient, RedisError};
 pub use routes::{ROUTE_KEY_PREFIX, ROUTE_TTL, Route, RouteStore, route_key};

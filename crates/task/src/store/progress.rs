@@ -8,9 +8,9 @@
 //! `dedup.progress_ttl`. Appending one string per chunk costs Redis one
 //! copy, where a set would cost a hash insert per recipient; the list is
 //! read back (and parsed here) only when an event is delivered again. When
-//! the event settles, `resonance:task:{<msg_id>}:settled` is set for
-//! `dedup.window` and the list, if one was written, is dropped: a later
-//! copy of the same msg_id is acked without pushing.
+//! the event settles, its claim (below) is overwritten with a settled
+//! mark kept for `dedup.window`, and the list, if one was written, is
+//! dropped: a later copy of the same msg_id is acked without pushing.
 //!
 //! `resonance:task:{<msg_id>}:lease` is a claim: whoever handles the event
 //! sets it (NX, with a TTL of ack_wait) and renews it while it runs, so two
@@ -19,9 +19,14 @@
 //! the same time, however long the fan-out takes; the second one is handed
 //! back and finds the event settled, or its progress, when it comes again.
 //! A dead-lettered event keeps its progress as long as its dead letter, so
-//! a replay pushes only to whom it had not reached. A settled event's claim
-//! is left to expire: the settled mark, which every claim reads, already
-//! turns any later delivery into a duplicate.
+//! a replay pushes only to whom it had not reached. Settling writes
+//! [`SETTLED`] over the claim, so an event leaves one key behind, not two:
+//! the claim of a later copy fails on it and reads it back.
+//!
+//! `resonance:task:{<msg_id>}:settled` is where earlier versions kept the
+//! settled mark. It is read, never written, so a copy of an event that an
+//! earlier version settled is still a duplicate while pods of both
+//! versions share the stream (a rolling upgrade).
 //!
 //! All keys share the `{msg_id}` hash tag, so they live in one Redis Cluster
 //! slot and pipeline together: claiming and reading progress is one round
@@ -36,6 +41,8 @@ pub fn delivered_key(msg_id: i64) -> String {
     format!("resonance:task:{{{msg_id}}}:reached")
 }
 
+/// The settled mark earlier versions wrote (read only, see the module
+/// documentation).
 pub fn settled_key(msg_id: i64) -> String {
     format!("resonance:task:{{{msg_id}}}:settled")
 }
@@ -44,15 +51,22 @@ pub fn lease_key(msg_id: i64) -> String {
     format!("resonance:task:{{{msg_id}}}:lease")
 }
 
+/// What a settled event's claim holds; a handling token is 32 hex digits,
+/// so never this.
+pub const SETTLED: &str = "settled";
+
 /// Deletes the lease only if it is still ours.
 const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 /// Extends the lease only if it is still ours.
 const RENEW: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
 
-/// The claim's answers: the lease's `SET NX`, then the settled mark and
-/// the progress.
-type ClaimAnswer = (Option<String>, (Option<redis::Value>, Option<Vec<u8>>));
+/// The claim's answers: the lease's `SET NX`, then what the lease holds
+/// after it, the earlier versions' settled mark and the progress.
+type ClaimAnswer = (
+    Option<String>,
+    (Option<String>, Option<redis::Value>, Option<Vec<u8>>),
+);
 
 /// What is known about an event before its fan-out.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -113,14 +127,17 @@ impl ProgressStore {
             .arg("NX")
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64);
-        // The settled mark and the progress in one command: Redis's cost
-        // is mostly per command, not per key.
+        // What the lease holds (ours, another handler's or the settled
+        // mark), the earlier settled mark and the progress in one command:
+        // Redis's cost is mostly per command, not per key.
         let mut read = redis::cmd("MGET");
-        read.arg(settled_key(msg_id)).arg(delivered_key(msg_id));
+        read.arg(&lease)
+            .arg(settled_key(msg_id))
+            .arg(delivered_key(msg_id));
         let (claim, also) = self.redis.together(vec![set, read], also).await?;
-        let (claimed, (settled, delivered)): ClaimAnswer =
+        let (claimed, (holder, earlier, delivered)): ClaimAnswer =
             self.redis.parse(redis::Value::Array(claim))?;
-        let settled = settled.is_some();
+        let settled = holder.as_deref() == Some(SETTLED) || earlier.is_some();
         let busy = claimed.is_none();
         let busy_for = if busy && !settled {
             // Rare: asked only when another handler holds the event.
@@ -183,10 +200,10 @@ impl ProgressStore {
     /// Ends `token`'s claim; when `settled`, marks the event settled and,
     /// if progress was `recorded`, drops it.
     ///
-    /// A settled event's claim is left to expire: every later claim reads
-    /// the settled mark and pushes nothing, so the claim guards nothing any
-    /// more (and a settled event costs one write, no script). An unsettled
-    /// event's claim is released only if it is still `token`'s.
+    /// The settled mark replaces the claim, whoever holds it now: the
+    /// event is done, so the claim guards nothing any more, and a settled
+    /// event costs one write, no script and one key. An unsettled event's
+    /// claim is released only if it is still `token`'s.
     pub async fn finish(
         &self,
         msg_id: i64,
@@ -197,8 +214,8 @@ impl ProgressStore {
         let mut pipe = redis::pipe();
         if settled {
             pipe.cmd("SET")
-                .arg(settled_key(msg_id))
-                .arg(1)
+                .arg(lease_key(msg_id))
+                .arg(SETTLED)
                 .arg("PX")
                 .arg(self.window.as_millis() as u64)
                 .ignore();
