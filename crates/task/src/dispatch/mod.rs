@@ -539,9 +539,7 @@ impl Dispatcher {
                 Looked::Whole(names)
             }
             Members::Streaming(stream) => {
-                let size = stream
-                    .count(self.limits.max_members.saturating_add(1))
-                    .await?;
+                let size = stream.count().await?;
                 self.check_members(event, size)?;
                 Looked::Streaming { stream, size }
             }

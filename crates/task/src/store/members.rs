@@ -127,12 +127,16 @@ const PAGE_ROWS: usize = 2000;
 /// `<byte length>:<name>`, so any name splits back exactly. One row per
 /// page instead of one per member is what makes a 100,000-member read
 /// cheap: a row costs the driver far more than its bytes do.
+///
+/// The LIMIT is written into the text, never bound: SQLite plans a bound
+/// LIMIT by its value, so it compiles such a statement again at every
+/// execution and the prepared-statement cache saves nothing.
 fn page_sql(dialect: Dialect, after: bool) -> String {
     let p = |n| dialect.placeholder(n);
-    let (key, limit) = if after {
-        (format!(" AND username > {}", p(2)), p(3))
+    let key = if after {
+        format!(" AND username > {}", p(2))
     } else {
-        (String::new(), p(2))
+        String::new()
     };
     let names = match dialect {
         Dialect::Sqlite => "group_concat(length(CAST(username AS BLOB)) || ':' || username, '')",
@@ -141,8 +145,18 @@ fn page_sql(dialect: Dialect, after: bool) -> String {
     };
     format!(
         "SELECT MAX(username), {names} FROM (SELECT username FROM t_session_member \
-         WHERE session_id = {}{key} ORDER BY username LIMIT {limit}) AS page",
+         WHERE session_id = {}{key} ORDER BY username LIMIT {PAGE_ROWS}) AS page",
         p(1)
+    )
+}
+
+/// Counts a session's members up to `at_most` (one query that stops
+/// there; the bound is in the text for the reason `page_sql` gives).
+fn count_sql(dialect: Dialect, at_most: usize) -> String {
+    format!(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM t_session_member WHERE session_id = {} LIMIT {}) AS m",
+        dialect.placeholder(1),
+        i64::try_from(at_most).unwrap_or(i64::MAX)
     )
 }
 
@@ -340,18 +354,14 @@ impl MemberStream {
         self.next
     }
 
-    /// The session's members counted up to `at_most` by one query shared
-    /// with every event reading this session now (a limit is checked
-    /// before anything is pushed, without waiting for the whole list).
-    pub async fn count(&self, at_most: usize) -> Result<usize, MemberError> {
+    /// The session's members counted up to the rows a read takes at most
+    /// (one more than `limits.max_members`) by one query shared with every
+    /// event reading this session now (a limit is checked before anything
+    /// is pushed, without waiting for the whole list).
+    pub async fn count(&self) -> Result<usize, MemberError> {
         self.load
             .size
-            .get_or_init(|| async {
-                self.store
-                    .count(&self.session_id, at_most)
-                    .await
-                    .map_err(Arc::new)
-            })
+            .get_or_init(|| async { self.store.count(&self.session_id).await.map_err(Arc::new) })
             .await
             .clone()
             .map_err(MemberError::Shared)
@@ -366,12 +376,7 @@ impl MemberStore {
         // Built from fixed text and placeholders only: no input reaches SQL.
         let first_page = AssertSqlSafe(page_sql(dialect, false)).into_sql_str();
         let next_page = AssertSqlSafe(page_sql(dialect, true)).into_sql_str();
-        let count_members = AssertSqlSafe(format!(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM t_session_member WHERE session_id = {} LIMIT {}) AS m",
-            dialect.placeholder(1),
-            dialect.placeholder(2)
-        ))
-        .into_sql_str();
+        let count_members = AssertSqlSafe(count_sql(dialect, usize::MAX)).into_sql_str();
         Self {
             pool,
             dialect,
@@ -412,6 +417,7 @@ impl MemberStore {
     /// Reads at most `max_members + 1` members of a session.
     pub fn with_max_members(mut self, max_members: usize) -> Self {
         self.max_rows = max_members.saturating_add(1);
+        self.count_members = AssertSqlSafe(count_sql(self.dialect, self.max_rows)).into_sql_str();
         // Reads under way elsewhere were made with another bound.
         self.loads = Arc::default();
         self
@@ -611,26 +617,22 @@ impl MemberStore {
         let mut read = 0;
         let mut after: Option<String> = None;
         while read < self.max_rows {
-            let limit = PAGE_ROWS.min(self.max_rows - read);
             let query = match &after {
                 None => sqlx::query(self.first_page.clone()).bind(session_id),
                 Some(key) => sqlx::query(self.next_page.clone())
                     .bind(session_id)
                     .bind(key.clone()),
             };
-            let row = query
-                .bind(limit as i64)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(err)?;
+            let row = query.fetch_one(&self.pool).await.map_err(err)?;
             let last: Option<String> = row.try_get(0).map_err(err)?;
             let joined: Option<String> = row.try_get(1).map_err(err)?;
-            let names = split_page(joined.as_deref().unwrap_or_default()).ok_or_else(|| {
+            let mut names = split_page(joined.as_deref().unwrap_or_default()).ok_or_else(|| {
                 err(sqlx::Error::Decode(
                     format!("a page of members that does not split into names: {joined:?}").into(),
                 ))
             })?;
-            let full = names.len() == limit;
+            let full = names.len() == PAGE_ROWS;
+            names.truncate(self.max_rows - read);
             read += names.len();
             batch(names);
             match last {
@@ -641,16 +643,15 @@ impl MemberStore {
         Ok(())
     }
 
-    /// Members of `session_id`, counted up to `at_most` (one query that
+    /// Members of `session_id`, counted up to `max_rows` (one query that
     /// stops there).
-    async fn count(&self, session_id: &str, at_most: usize) -> Result<usize, MemberError> {
+    async fn count(&self, session_id: &str) -> Result<usize, MemberError> {
         let err = |cause| MemberError::Query {
             session_id: session_id.to_string(),
             cause,
         };
         let row = sqlx::query(self.count_members.clone())
             .bind(session_id)
-            .bind(i64::try_from(at_most).unwrap_or(i64::MAX))
             .fetch_one(&self.pool)
             .await
             .map_err(err)?;
