@@ -373,7 +373,8 @@ const INSERT_ROWS: usize = 200;
 
 impl MemberStore {
     pub fn new(pool: AnyPool, dialect: Dialect) -> Self {
-        // Built from fixed text and placeholders only: no input reaches SQL.
+        // Built from fixed text, placeholders and numbers only: no input
+        // reaches SQL.
         let first_page = AssertSqlSafe(page_sql(dialect, false)).into_sql_str();
         let next_page = AssertSqlSafe(page_sql(dialect, true)).into_sql_str();
         let count_members = AssertSqlSafe(count_sql(dialect, usize::MAX)).into_sql_str();
