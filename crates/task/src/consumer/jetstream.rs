@@ -395,7 +395,7 @@ impl<H: MessageHandler> Intake<H> {
     fn start(self: &Arc<Self>, message: jetstream::Message, worker: Worker, life: &Lifecycle) {
         let turn = self.handler.turn(&message.payload);
         let (intake, abort) = (self.clone(), life.abort.clone());
-        let in_flight = metrics::gauge!(telemetry::metrics::EVENTS_IN_FLIGHT);
+        let in_flight = &telemetry::metrics::event_series().events_in_flight;
         in_flight.increment(1.0);
         // Boxed: the handling's state is large, and a boxed future moves
         // into its task as a pointer rather than as a copy.

@@ -295,7 +295,8 @@ impl EventHandler {
             Ok(event) => event,
             Err(rejected) => return rejected,
         };
-        metrics::histogram!(telemetry::metrics::EVENT_AGE)
+        telemetry::metrics::event_series()
+            .event_age
             .record(telemetry::metrics::seconds_since_ms(event.timestamp));
         let token = handling_token();
         // The claim is renewed for as long as this handler lives, so no
@@ -312,7 +313,8 @@ impl EventHandler {
         };
         let decision = decide(&result, self.retry.retry_interval);
         if decision == Decision::Ack {
-            metrics::histogram!(telemetry::metrics::PUBLISH_TO_ACK)
+            telemetry::metrics::event_series()
+                .publish_to_ack
                 .record(telemetry::metrics::seconds_since_ms(event.timestamp));
         }
         let recorded = !matches!(&result, Ok(r) if !r.progress_written);

@@ -44,7 +44,7 @@ pub struct TotalsSnapshot {
 
 impl EventTotals {
     pub fn decision(&self, d: &Decision) {
-        metrics::counter!(crate::telemetry::metrics::EVENTS, "outcome" => d.outcome()).increment(1);
+        crate::telemetry::metrics::event_series().event(d.outcome());
         let c = match d {
             Decision::Ack => &self.0.acked,
             Decision::Duplicate => &self.0.duplicates,

@@ -27,6 +27,7 @@ use crate::store::{
     RouteStore,
 };
 use crate::telemetry;
+use crate::telemetry::metrics::NO_GATEWAY;
 use offline::OfflineDelivery;
 pub use order::{SessionOrder, Turn};
 use plan::OfflineReason;
@@ -381,7 +382,8 @@ impl Dispatcher {
             .dispatch_in_span(event, token, turn)
             .instrument(span)
             .await;
-        metrics::histogram!(telemetry::metrics::DISPATCH_DURATION)
+        telemetry::metrics::event_series()
+            .dispatch_duration
             .record(started.elapsed().as_secs_f64());
         result
     }
@@ -581,8 +583,7 @@ impl Dispatcher {
         defer: bool,
     ) -> Answered {
         let reply = answer.wait().await;
-        metrics::histogram!(telemetry::metrics::GATEWAY_ROUND_TRIP, "gateway_id" => gateway_id.clone())
-            .record(sent.elapsed().as_secs_f64());
+        telemetry::metrics::event_series().round_trip(&gateway_id, sent.elapsed().as_secs_f64());
         let mut unrecorded = Vec::new();
         if self.progress.is_some() {
             let reached = reply
@@ -1065,12 +1066,8 @@ const STREAM_DRAIN_ALLOWANCE: std::time::Duration = std::time::Duration::from_se
 /// all with the backoff between them).
 const PROGRESS_WRITES: u32 = 5;
 
-/// The gateway_id label of recipients no gateway was involved with.
-const NO_GATEWAY: &str = "none";
-
 fn count_deliveries(outcome: &'static str, gateway_id: &str, n: usize) {
     if n > 0 {
-        metrics::counter!(telemetry::metrics::DELIVERIES, "outcome" => outcome, "gateway_id" => gateway_id.to_string())
-            .increment(n as u64);
+        telemetry::metrics::event_series().deliveries(outcome, gateway_id, n as u64);
     }
 }

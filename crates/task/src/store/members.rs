@@ -113,7 +113,8 @@ impl MemberCache {
                 self.misses.fetch_add(1, Ordering::Relaxed) + 1,
             )
         };
-        metrics::gauge!(crate::telemetry::metrics::MEMBER_CACHE_HIT_RATIO)
+        crate::telemetry::metrics::event_series()
+            .member_cache_hit_ratio
             .set(h as f64 / (h + m) as f64);
     }
 }
