@@ -119,6 +119,11 @@ pub struct BenchArgs {
     /// Deliveries per mode (serial makes a tenth)
     #[arg(long, default_value_t = 1_000_000)]
     deliveries: u64,
+    /// Sessions the throughput run's events go round-robin over (default:
+    /// as many as the users make up, 8 to 256); many more than a pod keeps
+    /// warm measure traffic spread over many conversations
+    #[arg(long)]
+    sessions: Option<usize>,
     /// Members per session in the latency run (at half of batch peak)
     #[arg(long, default_value_t = 100)]
     latency_group_size: usize,
@@ -334,6 +339,7 @@ async fn run_bench(args: BenchArgs, config: Config) -> Result<()> {
         group_size: args.group_size,
         gateways: args.gateways,
         deliveries: args.deliveries,
+        sessions: args.sessions,
         latency_group_size: args.latency_group_size,
         latency_seconds: args.latency_seconds,
         sweep: args.sweep.then_some(args.sweep_dir),

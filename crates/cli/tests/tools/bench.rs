@@ -42,6 +42,42 @@ async fn every_mode_delivers_what_it_submitted() {
     assert!(report.to_text().contains("batch_vs_serial"));
 }
 
+/// `--sessions`: the throughput run's events go round-robin over as many
+/// sessions as asked, more than the users make up, and every mode (the
+/// floor too, which knows sessions only from the benchmark) delivers all
+/// of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_spreads_its_events_over_the_sessions_asked_for() {
+    let report = bench::run(BenchOptions {
+        modes: vec![Mode::Serial, Mode::Batch, Mode::FloorJs, Mode::Floor],
+        group_size: 2,
+        gateways: 2,
+        deliveries: 6_000,
+        sessions: Some(2_500),
+        latency_group_size: 10,
+        latency_seconds: 0.2,
+        progress: false,
+        ..Default::default()
+    })
+    .await
+    .expect("bench runs");
+    assert_eq!(report.sessions, 2_500);
+    for (mode, r) in &report.modes {
+        assert_eq!(r.deliveries, r.events as u64 * 2, "{mode}");
+    }
+    assert_eq!(report.modes["batch"].events, 3_000);
+    assert!(report.to_text().contains("(2500 sessions)"));
+    assert_eq!(serde_json::to_value(&report).unwrap()["sessions"], 2_500);
+
+    let refused = bench::run(BenchOptions {
+        sessions: Some(0),
+        ..small_batch_run()
+    })
+    .await
+    .expect_err("no sessions is refused");
+    assert!(refused.to_string().contains("sessions"), "{refused}");
+}
+
 /// A small batch-mode run, for the side-by-side comparisons.
 fn small_batch_run() -> BenchOptions {
     BenchOptions {

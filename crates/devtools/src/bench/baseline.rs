@@ -177,6 +177,7 @@ mod tests {
                 memory_gib: 1.0,
             },
             group_size: 1000,
+            sessions: 8,
             gateways: 4,
             modes: BTreeMap::new(),
             batch_vs_serial: Some(25.0),

@@ -166,6 +166,7 @@ impl Floor {
             .values()
             .flatten()
             .chain(&bench.mixed)
+            .chain(&bench.spread)
             .map(|s| {
                 (
                     s.id.clone(),

@@ -97,6 +97,12 @@ pub struct BenchOptions {
     /// Deliveries each of `stream`, `batch` and `floor` makes; `serial`
     /// makes a tenth of it (it is that much slower).
     pub deliveries: u64,
+    /// Sessions the throughput run spreads its events over; `None`: as
+    /// many as the users make up, 8 to 256. Many more sessions than a pod
+    /// keeps warm (each seen again only after `dispatch.member_cache_ttl`)
+    /// measure traffic spread over many conversations, whose members are
+    /// read from SQL.
+    pub sessions: Option<usize>,
     /// Members per session in the latency run.
     pub latency_group_size: usize,
     /// How long the latency run publishes at half of peak.
@@ -132,6 +138,7 @@ impl Default for BenchOptions {
             group_size: 1000,
             gateways: 4,
             deliveries: 1_000_000,
+            sessions: None,
             latency_group_size: 100,
             latency_seconds: 5.0,
             sweep: None,
@@ -207,6 +214,8 @@ pub struct Machine {
 pub struct BenchReport {
     pub machine: Machine,
     pub group_size: usize,
+    /// Sessions the throughput run's events went round-robin over.
+    pub sessions: usize,
     pub gateways: usize,
     pub modes: BTreeMap<String, ModeResult>,
     pub batch_vs_serial: Option<f64>,
@@ -259,11 +268,12 @@ impl BenchReport {
 
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "resonance-task bench: {} cpus ({}), {:.0} GiB; {}-member groups over {} gateways\n\n",
+            "resonance-task bench: {} cpus ({}), {:.0} GiB; {}-member groups ({} sessions) over {} gateways\n\n",
             self.machine.cpus,
             self.machine.cpu_model,
             self.machine.memory_gib,
             self.group_size,
+            self.sessions,
             self.gateways
         );
         out.push_str(&format!(
@@ -447,6 +457,8 @@ pub(crate) struct Bench {
     sessions: BTreeMap<usize, Vec<Session>>,
     /// The traffic mix's sessions.
     pub(crate) mixed: Vec<Session>,
+    /// The sessions of a throughput run given its own count of them.
+    pub(crate) spread: Vec<Session>,
     next_msg_id: AtomicI64,
     progress: bool,
 }
@@ -514,6 +526,7 @@ impl Bench {
             store,
             sessions: BTreeMap::new(),
             mixed: Vec::new(),
+            spread: Vec::new(),
             next_msg_id: AtomicI64::new(super::publish::fresh_msg_id_base()),
             progress,
         })
@@ -527,15 +540,30 @@ impl Bench {
         }
         let size = size.min(self.users);
         let count = (self.users / size).clamp(SESSIONS_PER_SIZE, MAX_SESSIONS_PER_SIZE);
+        let sessions = self.create_many("bench", size, count).await?;
+        self.sessions.insert(size, sessions.clone());
+        Ok(sessions)
+    }
+
+    /// `count` sessions of `size` members, ids `<prefix>-<size>-<n>`. The
+    /// members of one are consecutive users, and the sessions start evenly
+    /// spaced over the users (more sessions than the users make up share
+    /// member lists, each under its own id).
+    async fn create_many(
+        &self,
+        prefix: &str,
+        size: usize,
+        count: usize,
+    ) -> Result<Vec<Session>, BenchError> {
+        let size = size.min(self.users);
         let mut sessions = Vec::with_capacity(count);
         for s in 0..count {
             let offset = s * size.max(self.users / count) % self.users;
             sessions.push(
-                self.create(format!("bench-{size}-{s}"), size, offset)
+                self.create(format!("{prefix}-{size}-{s}"), size, offset)
                     .await?,
             );
         }
-        self.sessions.insert(size, sessions.clone());
         Ok(sessions)
     }
 
@@ -799,6 +827,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     if opts.gateways == 0 || opts.group_size == 0 || opts.latency_group_size == 0 {
         return Err(setup("gateways and group sizes must be at least 1"));
     }
+    if opts.sessions == Some(0) {
+        return Err(setup("sessions must be at least 1"));
+    }
     let largest = if opts.sweep.is_some() || opts.storm {
         SWEEP_SIZES[SWEEP_SIZES.len() - 1]
     } else {
@@ -815,7 +846,15 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         false,
     )
     .await?;
-    let sessions = bench.sessions(opts.group_size).await?;
+    let sessions = match opts.sessions {
+        Some(count) => {
+            bench.spread = bench
+                .create_many("bench-spread", opts.group_size, count)
+                .await?;
+            bench.spread.clone()
+        }
+        None => bench.sessions(opts.group_size).await?,
+    };
     let mut modes = BTreeMap::new();
     for &mode in &opts.modes {
         let events = round_robin(
@@ -911,6 +950,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let mut report = BenchReport {
         machine: machine(),
         group_size: opts.group_size,
+        sessions: sessions.len(),
         gateways: opts.gateways,
         modes,
         batch_vs_serial: None,
