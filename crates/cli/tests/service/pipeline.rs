@@ -1001,6 +1001,52 @@ async fn members_are_read_page_by_page_on_every_dialect() {
     }
 }
 
+/// Many sessions read cold at the same moment are read together, several
+/// to a statement: on every dialect each gets exactly its own members,
+/// an empty session none, and a session longer than a page all of its
+/// pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_read_cold_together_each_get_their_own_members() {
+    for db in [
+        TestDb::sqlite(),
+        TestDb::mysql().await,
+        TestDb::postgres().await,
+    ] {
+        let store = db.member_store().await;
+        let mut sessions = Vec::new();
+        for s in 0..150usize {
+            let size = if s == 75 { 2_100 } else { s % 7 };
+            let members: Vec<String> = (0..size).map(|m| format!("s{s}-m{m}")).collect();
+            if !members.is_empty() {
+                store
+                    .create_session(&resonance_task::store::SessionSeed {
+                        session_id: format!("together-{s}"),
+                        kind: if size == 2 { 1 } else { 2 },
+                        name: format!("together-{s}"),
+                        owner: members[0].clone(),
+                        members: members.clone(),
+                    })
+                    .await
+                    .unwrap();
+            }
+            sessions.push((format!("together-{s}"), members));
+        }
+        let reads = futures::future::join_all(
+            sessions
+                .iter()
+                .map(|(id, _)| async { store.members(id).await.unwrap() }),
+        )
+        .await;
+        for ((id, expected), mut read) in sessions.iter().zip(reads) {
+            read.sort();
+            let mut expected = expected.clone();
+            expected.sort();
+            assert_eq!(read, expected, "{id} on {}", db.url);
+        }
+        db.drop_database().await;
+    }
+}
+
 /// Many concurrent lookups of a few sessions, with and without the cache:
 /// every one gets its session's members (none waits forever on a read
 /// it joined).

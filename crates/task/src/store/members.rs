@@ -1,6 +1,8 @@
 //! Session membership from `t_session_member` (contract section 5), read
-//! with one indexed query per session and kept in a cache; and the writes
-//! the seed tool and tests use to create sessions.
+//! with indexed page queries and kept in a cache; and the writes the seed
+//! tool and tests use to create sessions. The first pages of sessions read
+//! cold at the same time go to the database together, one statement for
+//! many sessions ([`FirstPages`]).
 //!
 //! The cache serves a session's list for `dispatch.member_cache_ttl` at
 //! most. Once an entry is half that old, the next lookup still gets it but
@@ -17,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sqlx::{AnyPool, AssertSqlSafe, Row, SqlSafeStr, SqlStr};
@@ -69,6 +71,145 @@ pub struct MemberStore {
     /// Rows read per session at most: one more than `limits.max_members`,
     /// so a group over the limit is seen without being read whole.
     max_rows: usize,
+    /// Reads first pages together (started at the first read).
+    first_pages: Arc<OnceLock<FirstPages>>,
+}
+
+/// A page of members: its last name, and its names joined (see
+/// [`page_sql`]); both `None` for a session without members.
+type Page = (Option<String>, Option<String>);
+
+/// Sessions read by one first-pages statement at most.
+const FIRST_PAGES_AT_ONCE: usize = 64;
+
+/// First-pages statements running at once at most.
+const FIRST_PAGE_STATEMENTS: usize = 4;
+
+/// Reads the first pages of cold sessions. A session asked for while
+/// [`FIRST_PAGE_STATEMENTS`] statements are running waits for one to end,
+/// and every session that waited meanwhile is read by the next statement
+/// ([`first_pages_sql`], up to [`FIRST_PAGES_AT_ONCE`] sessions): when many
+/// events miss the cache at once (one-to-one traffic spread over more
+/// conversations than stay cached), the database runs one statement for
+/// many sessions and the pool hands out one connection, where each session
+/// cost both. A session asked for alone is read at once.
+struct FirstPages {
+    asks: tokio::sync::mpsc::UnboundedSender<PageAsk>,
+}
+
+struct PageAsk {
+    session_id: String,
+    reply: tokio::sync::oneshot::Sender<Result<Page, Arc<MemberError>>>,
+}
+
+impl FirstPages {
+    fn start(pool: AnyPool, dialect: Dialect) -> Self {
+        let (asks, waiting) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(read_first_pages(pool, dialect, waiting));
+        Self { asks }
+    }
+
+    /// The first page of `session_id`; `None` when the reader is gone
+    /// (its runtime ended), so the caller reads alone.
+    async fn read(&self, session_id: &str) -> Option<Result<Page, MemberError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = PageAsk {
+            session_id: session_id.to_string(),
+            reply,
+        };
+        self.asks.send(ask).ok()?;
+        Some(answer.await.ok()?.map_err(MemberError::Shared))
+    }
+}
+
+/// Takes the sessions asked for, as many as are waiting, into one statement
+/// whenever fewer than [`FIRST_PAGE_STATEMENTS`] are running.
+async fn read_first_pages(
+    pool: AnyPool,
+    dialect: Dialect,
+    mut waiting: tokio::sync::mpsc::UnboundedReceiver<PageAsk>,
+) {
+    let statements = Arc::new(tokio::sync::Semaphore::new(FIRST_PAGE_STATEMENTS));
+    loop {
+        let Ok(statement) = statements.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = waiting.recv().await else {
+            return;
+        };
+        let mut asks = vec![first];
+        while asks.len() < FIRST_PAGES_AT_ONCE {
+            match waiting.try_recv() {
+                Ok(ask) => asks.push(ask),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            answer_first_pages(&pool, dialect, asks).await;
+            drop(statement);
+        });
+    }
+}
+
+/// Reads the first pages of `asks` in one statement and answers each.
+async fn answer_first_pages(pool: &AnyPool, dialect: Dialect, asks: Vec<PageAsk>) {
+    let sql = first_pages_sql(dialect, asks.len());
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for ask in &asks {
+        query = query.bind(ask.session_id.clone());
+    }
+    let pages = query.fetch_all(pool).await.and_then(|rows| {
+        let mut pages: Vec<Option<Page>> = vec![None; asks.len()];
+        for row in rows {
+            let at: String = row.try_get(0)?;
+            let slot = at
+                .parse::<usize>()
+                .ok()
+                .and_then(|at| pages.get_mut(at))
+                .ok_or_else(|| {
+                    sqlx::Error::Decode(format!("a first page for no session asked: {at:?}").into())
+                })?;
+            *slot = Some((row.try_get(1)?, row.try_get(2)?));
+        }
+        Ok(pages)
+    });
+    let pages = match pages {
+        Ok(pages) => pages,
+        Err(cause) => {
+            let error = Arc::new(MemberError::Query {
+                session_id: sessions_named(&asks),
+                cause,
+            });
+            for ask in asks {
+                let _ = ask.reply.send(Err(error.clone()));
+            }
+            return;
+        }
+    };
+    for (ask, page) in asks.into_iter().zip(pages) {
+        let answer = page.ok_or_else(|| {
+            Arc::new(MemberError::Query {
+                session_id: ask.session_id.clone(),
+                cause: sqlx::Error::RowNotFound,
+            })
+        });
+        let _ = ask.reply.send(answer);
+    }
+}
+
+/// The sessions of one statement, for an error: the first few by name.
+fn sessions_named(asks: &[PageAsk]) -> String {
+    const NAMED: usize = 3;
+    let named: Vec<&str> = asks
+        .iter()
+        .take(NAMED)
+        .map(|a| a.session_id.as_str())
+        .collect();
+    match asks.len().saturating_sub(NAMED) {
+        0 => named.join(", "),
+        more => format!("{} and {more} more", named.join(", ")),
+    }
 }
 
 /// Session members kept in-process for a short TTL, bounded by the number
@@ -133,22 +274,51 @@ const PAGE_ROWS: usize = 2000;
 /// LIMIT by its value, so it compiles such a statement again at every
 /// execution and the prepared-statement cache saves nothing.
 fn page_sql(dialect: Dialect, after: bool) -> String {
-    let p = |n| dialect.placeholder(n);
-    let key = if after {
-        format!(" AND username > {}", p(2))
-    } else {
-        String::new()
-    };
+    page_select(dialect, "", 1, after.then_some(2), "page")
+}
+
+/// The page query of [`page_sql`] with `first_columns` selected before the
+/// page's columns, the session bound at placeholder `session` and the key
+/// (if any) at `key`, the page's table named `alias`.
+fn page_select(
+    dialect: Dialect,
+    first_columns: &str,
+    session: usize,
+    key: Option<usize>,
+    alias: &str,
+) -> String {
+    let key = key
+        .map(|n| format!(" AND username > {}", dialect.placeholder(n)))
+        .unwrap_or_default();
     let names = match dialect {
         Dialect::Sqlite => "group_concat(length(CAST(username AS BLOB)) || ':' || username, '')",
         Dialect::MySql => "GROUP_CONCAT(CONCAT(LENGTH(username), ':', username) SEPARATOR '')",
         Dialect::Postgres => "string_agg(octet_length(username) || ':' || username, '')",
     };
     format!(
-        "SELECT MAX(username), {names} FROM (SELECT username FROM t_session_member \
-         WHERE session_id = {}{key} ORDER BY username LIMIT {PAGE_ROWS}) AS page",
-        p(1)
+        "SELECT {first_columns}MAX(username), {names} FROM (SELECT username FROM t_session_member \
+         WHERE session_id = {}{key} ORDER BY username LIMIT {PAGE_ROWS}) AS {alias}",
+        dialect.placeholder(session)
     )
+}
+
+/// The first pages of `sessions` sessions in one statement: the page query
+/// once per session, `UNION ALL`ed, each row led by its session's position
+/// (as text, which every dialect types alike) since a union's rows come in
+/// no promised order.
+fn first_pages_sql(dialect: Dialect, sessions: usize) -> String {
+    (0..sessions)
+        .map(|i| {
+            page_select(
+                dialect,
+                &format!("'{i:02}', "),
+                i + 1,
+                None,
+                &format!("page{i}"),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
 }
 
 /// Counts a session's members up to `at_most` (one query that stops
@@ -388,6 +558,7 @@ impl MemberStore {
             cache: None,
             loads: Arc::default(),
             max_rows: usize::MAX,
+            first_pages: Arc::default(),
         }
     }
 
@@ -619,15 +790,18 @@ impl MemberStore {
         let mut read = 0;
         let mut after: Option<String> = None;
         while read < self.max_rows {
-            let query = match &after {
-                None => sqlx::query(self.first_page.clone()).bind(session_id),
-                Some(key) => sqlx::query(self.next_page.clone())
-                    .bind(session_id)
-                    .bind(key.clone()),
+            let (last, joined) = match &after {
+                None => self.first_page(session_id).await?,
+                Some(key) => {
+                    let row = sqlx::query(self.next_page.clone())
+                        .bind(session_id)
+                        .bind(key.clone())
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(err)?;
+                    (row.try_get(0).map_err(err)?, row.try_get(1).map_err(err)?)
+                }
             };
-            let row = query.fetch_one(&self.pool).await.map_err(err)?;
-            let last: Option<String> = row.try_get(0).map_err(err)?;
-            let joined: Option<String> = row.try_get(1).map_err(err)?;
             let mut names = split_page(joined.as_deref().unwrap_or_default()).ok_or_else(|| {
                 err(sqlx::Error::Decode(
                     format!("a page of members that does not split into names: {joined:?}").into(),
@@ -643,6 +817,27 @@ impl MemberStore {
             }
         }
         Ok(())
+    }
+
+    /// The first page of `session_id`'s members, read together with the
+    /// first pages other reads ask for meanwhile ([`FirstPages`]).
+    async fn first_page(&self, session_id: &str) -> Result<Page, MemberError> {
+        let pages = self
+            .first_pages
+            .get_or_init(|| FirstPages::start(self.pool.clone(), self.dialect));
+        if let Some(page) = pages.read(session_id).await {
+            return page;
+        }
+        let err = |cause| MemberError::Query {
+            session_id: session_id.to_string(),
+            cause,
+        };
+        let row = sqlx::query(self.first_page.clone())
+            .bind(session_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok((row.try_get(0).map_err(err)?, row.try_get(1).map_err(err)?))
     }
 
     /// Members of `session_id`, counted up to `max_rows` (one query that
