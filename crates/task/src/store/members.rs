@@ -81,6 +81,8 @@ type Page = (Option<String>, Option<String>);
 
 /// Sessions read by one first-pages statement at most.
 const FIRST_PAGES_AT_ONCE: usize = 64;
+// Their positions are written with two digits (`first_pages_sql`).
+const _: () = assert!(FIRST_PAGES_AT_ONCE <= 100);
 
 /// First-pages statements running at once at most.
 const FIRST_PAGE_STATEMENTS: usize = 4;
@@ -304,8 +306,10 @@ fn page_select(
 
 /// The first pages of `sessions` sessions in one statement: the page query
 /// once per session, `UNION ALL`ed, each row led by its session's position
-/// (as text, which every dialect types alike) since a union's rows come in
-/// no promised order.
+/// since a union's rows come in no promised order. The position is text
+/// of two digits in every member of the union (at most
+/// [`FIRST_PAGES_AT_ONCE`] of them), so no dialect types the column by its
+/// first member and cuts the others short.
 fn first_pages_sql(dialect: Dialect, sessions: usize) -> String {
     (0..sessions)
         .map(|i| {
