@@ -12,7 +12,6 @@
 //! received (JetStream spreads one stream over the pods); clients order by
 //! `seq_id` for those.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -24,8 +23,9 @@ type Latest = (u64, oneshot::Receiver<()>);
 #[derive(Clone, Default)]
 pub struct SessionOrder {
     /// Per session: the generation of its latest turn and the signal that
-    /// turn sends once it has written its pushes.
-    latest: Arc<Mutex<HashMap<String, Latest>>>,
+    /// turn sends once it has written its pushes. Every event hashes its
+    /// session id here twice: foldhash (seeded per process), not SipHash.
+    latest: Arc<Mutex<foldhash::HashMap<String, Latest>>>,
     generations: Arc<std::sync::atomic::AtomicU64>,
 }
 

@@ -220,7 +220,9 @@ impl Tracker for InFlight {
 #[derive(Default)]
 pub(crate) struct Batches {
     next_id: u64,
-    pending: HashMap<u64, Group>,
+    /// Hashed at every write, answer and expiry check: foldhash, not
+    /// SipHash.
+    pending: foldhash::HashMap<u64, Group>,
     /// Batch ids in the order written (deadlines ascend along it); ids
     /// already answered are skipped lazily.
     order: VecDeque<u64>,

@@ -33,7 +33,8 @@ struct Inner {
     /// `gateway.tls`, read again when its files change.
     tls: Arc<TlsFiles>,
     life: Lifecycle,
-    streams: Mutex<HashMap<String, Entry>>,
+    /// Looked up for every push (foldhash, seeded per process).
+    streams: Mutex<foldhash::HashMap<String, Entry>>,
     generations: AtomicU64,
 }
 
@@ -63,7 +64,7 @@ impl GatewayPool {
                 tls: Arc::new(TlsFiles::new("gateway.tls", &cfg.tls)),
                 cfg,
                 life: life.clone(),
-                streams: Mutex::new(HashMap::new()),
+                streams: Mutex::new(Default::default()),
                 generations: AtomicU64::new(0),
             }),
         }
