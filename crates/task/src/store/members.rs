@@ -543,6 +543,14 @@ impl MemberStream {
     }
 }
 
+/// Turns a failed query about `session_id` into the error that names it.
+fn query_error(session_id: &str) -> impl Fn(sqlx::Error) -> MemberError + Copy + '_ {
+    move |cause| MemberError::Query {
+        session_id: session_id.to_string(),
+        cause,
+    }
+}
+
 /// Rows per multi-row insert: below every dialect's bind-parameter limit.
 const INSERT_ROWS: usize = 200;
 
@@ -787,24 +795,13 @@ impl MemberStore {
         session_id: &str,
         mut batch: impl FnMut(Vec<String>),
     ) -> Result<(), MemberError> {
-        let err = |cause| MemberError::Query {
-            session_id: session_id.to_string(),
-            cause,
-        };
+        let err = query_error(session_id);
         let mut read = 0;
         let mut after: Option<String> = None;
         while read < self.max_rows {
             let (last, joined) = match &after {
                 None => self.first_page(session_id).await?,
-                Some(key) => {
-                    let row = sqlx::query(self.next_page.clone())
-                        .bind(session_id)
-                        .bind(key.clone())
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(err)?;
-                    (row.try_get(0).map_err(err)?, row.try_get(1).map_err(err)?)
-                }
+                Some(key) => self.page(session_id, Some(key)).await?,
             };
             let mut names = split_page(joined.as_deref().unwrap_or_default()).ok_or_else(|| {
                 err(sqlx::Error::Decode(
@@ -829,28 +826,30 @@ impl MemberStore {
         let pages = self
             .first_pages
             .get_or_init(|| FirstPages::start(self.pool.clone(), self.dialect));
-        if let Some(page) = pages.read(session_id).await {
-            return page;
+        match pages.read(session_id).await {
+            Some(page) => page,
+            None => self.page(session_id, None).await,
         }
-        let err = |cause| MemberError::Query {
-            session_id: session_id.to_string(),
-            cause,
+    }
+
+    /// One page of `session_id`'s members, read alone: from the start, or
+    /// past `after`.
+    async fn page(&self, session_id: &str, after: Option<&str>) -> Result<Page, MemberError> {
+        let err = query_error(session_id);
+        let query = match after {
+            None => sqlx::query(self.first_page.clone()).bind(session_id),
+            Some(key) => sqlx::query(self.next_page.clone())
+                .bind(session_id)
+                .bind(key.to_string()),
         };
-        let row = sqlx::query(self.first_page.clone())
-            .bind(session_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(err)?;
+        let row = query.fetch_one(&self.pool).await.map_err(err)?;
         Ok((row.try_get(0).map_err(err)?, row.try_get(1).map_err(err)?))
     }
 
     /// Members of `session_id`, counted up to `max_rows` (one query that
     /// stops there).
     async fn count(&self, session_id: &str) -> Result<usize, MemberError> {
-        let err = |cause| MemberError::Query {
-            session_id: session_id.to_string(),
-            cause,
-        };
+        let err = query_error(session_id);
         let row = sqlx::query(self.count_members.clone())
             .bind(session_id)
             .fetch_one(&self.pool)
