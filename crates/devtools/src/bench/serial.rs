@@ -1,14 +1,17 @@
 //! The upstream fan-out, as the benchmark's baseline: a core-NATS queue
 //! subscription handled by 10 workers; per event one SQL query for the
-//! members, then per member one Redis GET of the route and one push on the
-//! gateway's stream, awaited before the next member. Gateway addresses come
-//! from the same watched etcd registry the service uses.
+//! members (upstream's own: every member a row, no cache, no read shared
+//! with another event's), then per member one Redis GET of the route and
+//! one push on the gateway's stream, awaited before the next member.
+//! Gateway addresses come from the same watched etcd registry the service
+//! uses.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use prost::Message;
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
@@ -21,7 +24,7 @@ use resonance_task::lifecycle::Lifecycle;
 use resonance_task::proto::gateway::v1::push_service_client::PushServiceClient;
 use resonance_task::proto::{PushEvent, PushMessageRequest, PushMessageResponse};
 use resonance_task::registry::{GatewayEndpoint, GatewayRegistry};
-use resonance_task::store::{MemberStore, RedisClient, Route, route_key};
+use resonance_task::store::{RedisClient, Route, route_key};
 
 /// Events in flight, as upstream's worker pool.
 pub const UPSTREAM_WORKERS: usize = 10;
@@ -41,7 +44,9 @@ struct Stream {
 }
 
 struct Upstream {
-    members: MemberStore,
+    database: sqlx::AnyPool,
+    /// `SELECT username FROM t_session_member WHERE session_id = ?`.
+    members_sql: SqlStr,
     redis: RedisClient,
     registry: GatewayRegistry,
     streams: Mutex<HashMap<String, Arc<Mutex<Stream>>>>,
@@ -98,7 +103,12 @@ impl Serial {
             .await
             .map_err(setup)?;
         let upstream = Arc::new(Upstream {
-            members: MemberStore::new(pool, dialect),
+            database: pool,
+            members_sql: AssertSqlSafe(format!(
+                "SELECT username FROM t_session_member WHERE session_id = {}",
+                dialect.placeholder(1)
+            ))
+            .into_sql_str(),
             redis,
             registry,
             streams: Mutex::new(HashMap::new()),
@@ -133,9 +143,10 @@ impl Serial {
 impl Upstream {
     async fn handle(&self, event: PushEvent) {
         let session_id = &event.session_id;
-        let members = match tokio::time::timeout(STEP_TIMEOUT, self.members.members(session_id))
-            .await
-        {
+        let read = sqlx::query_scalar::<_, String>(self.members_sql.clone())
+            .bind(session_id)
+            .fetch_all(&self.database);
+        let members = match tokio::time::timeout(STEP_TIMEOUT, read).await {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "serial: members");
