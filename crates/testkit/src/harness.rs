@@ -54,6 +54,11 @@ impl TestDb {
         }
     }
 
+    /// A fresh database of each dialect: SQLite, MariaDB, PostgreSQL.
+    pub async fn every_dialect() -> [Self; 3] {
+        [Self::sqlite(), Self::mysql().await, Self::postgres().await]
+    }
+
     /// A fresh database on the machine's MariaDB (127.0.0.1:3306, root).
     pub async fn mysql() -> Self {
         Self::server(Dialect::MySql, "mysql://root@127.0.0.1:3306/test", |name| {

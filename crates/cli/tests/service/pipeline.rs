@@ -969,11 +969,7 @@ async fn a_large_session_read_cold_is_pushed_while_sql_still_sends_it() {
 /// at `limits.max_members + 1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_read_page_by_page_on_every_dialect() {
-    for db in [
-        TestDb::sqlite(),
-        TestDb::mysql().await,
-        TestDb::postgres().await,
-    ] {
+    for db in TestDb::every_dialect().await {
         let store = db.member_store().await;
         let names: Vec<String> = (0..4_500)
             .map(|i| match i % 3 {
@@ -1007,11 +1003,7 @@ async fn members_are_read_page_by_page_on_every_dialect() {
 /// pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_read_cold_together_each_get_their_own_members() {
-    for db in [
-        TestDb::sqlite(),
-        TestDb::mysql().await,
-        TestDb::postgres().await,
-    ] {
+    for db in TestDb::every_dialect().await {
         let store = db.member_store().await;
         let mut sessions = Vec::new();
         for s in 0..150usize {
