@@ -119,9 +119,10 @@ pub struct BenchArgs {
     /// Deliveries per mode (serial makes a tenth)
     #[arg(long, default_value_t = 1_000_000)]
     deliveries: u64,
-    /// Sessions the throughput run's events go round-robin over (default:
-    /// as many as the users make up, 8 to 256); many more than a pod keeps
-    /// warm measure traffic spread over many conversations
+    /// Sessions the throughput run's events (and those of --tls and
+    /// --cluster) go round-robin over (default: as many as the users make
+    /// up, 8 to 256); many more than a pod keeps warm measure traffic
+    /// spread over many conversations
     #[arg(long)]
     sessions: Option<usize>,
     /// Members per session in the latency run (at half of batch peak)

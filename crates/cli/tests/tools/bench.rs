@@ -93,11 +93,12 @@ fn small_batch_run() -> BenchOptions {
 }
 
 /// `--tls`: the batch mode over mutual TLS delivers everything it submits,
-/// beside a plaintext run of the same size.
+/// beside a plaintext run of the same size, over the sessions asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_comparison_delivers_over_mutual_tls() {
     let report = bench::run(BenchOptions {
         tls: true,
+        sessions: Some(3),
         ..small_batch_run()
     })
     .await
@@ -105,17 +106,20 @@ async fn the_tls_comparison_delivers_over_mutual_tls() {
     let tls = report.tls.as_ref().expect("TLS comparison");
     assert_eq!(tls.mtls.deliveries, tls.mtls.events as u64 * 40);
     assert_eq!(tls.plain.events, tls.mtls.events, "same workload");
+    assert_eq!(tls.sessions, 3, "--sessions");
     assert!(tls.mtls_vs_plain > 0.0, "{tls:?}");
     assert!(report.to_text().contains("mtls_vs_plain"));
 }
 
 /// `--cluster`: the batch mode on clustered engines (R3 streams, a Redis
 /// Cluster, 3 etcd members) delivers everything it submits, beside single
-/// servers, and the report carries `cluster_vs_single` at the top.
+/// servers, over the sessions asked for, and the report carries
+/// `cluster_vs_single` at the top.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_comparison_delivers_on_clustered_engines() {
     let report = bench::run(BenchOptions {
         cluster: true,
+        sessions: Some(3),
         ..small_batch_run()
     })
     .await
@@ -129,6 +133,7 @@ async fn the_cluster_comparison_delivers_on_clustered_engines() {
         cluster.single.events, cluster.cluster.events,
         "same workload"
     );
+    assert_eq!(cluster.sessions, 3, "--sessions");
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["cluster_vs_single"].as_f64().unwrap() > 0.0, "{json}");
     assert!(report.to_text().contains("cluster_vs_single"));

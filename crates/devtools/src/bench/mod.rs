@@ -97,7 +97,8 @@ pub struct BenchOptions {
     /// Deliveries each of `stream`, `batch` and `floor` makes; `serial`
     /// makes a tenth of it (it is that much slower).
     pub deliveries: u64,
-    /// Sessions the throughput run spreads its events over; `None`: as
+    /// Sessions the throughput run (and the TLS and cluster comparisons)
+    /// spreads its events over; `None`: as
     /// many as the users make up, 8 to 256. Many more sessions than a pod
     /// keeps warm (each seen again only after `dispatch.member_cache_ttl`)
     /// measure traffic spread over many conversations, whose members are
@@ -244,6 +245,8 @@ pub struct BenchReport {
 /// workload, interleaved.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterResult {
+    /// Sessions the events went round robin over, on each stack.
+    pub sessions: usize,
     pub single: ModeResult,
     pub cluster: ModeResult,
     pub cluster_vs_single: f64,
@@ -253,6 +256,8 @@ pub struct ClusterResult {
 /// the other on the same workload.
 #[derive(Debug, Clone, Serialize)]
 pub struct TlsResult {
+    /// Sessions the events went round robin over, on each stack.
+    pub sessions: usize,
     pub plain: ModeResult,
     pub mtls: ModeResult,
     /// mTLS throughput over plaintext throughput.
@@ -534,6 +539,23 @@ impl Bench {
 
     /// Creates the sessions of `size` members (once): as many as the users
     /// make up, at least `SESSIONS_PER_SIZE`, at most `MAX_SESSIONS_PER_SIZE`.
+    /// The sessions a throughput run of `size`-member groups goes round
+    /// robin over: `count` of their own when given (`--sessions`), else
+    /// the shared ones of that size.
+    async fn throughput_sessions(
+        &mut self,
+        size: usize,
+        count: Option<usize>,
+    ) -> Result<Vec<Session>, BenchError> {
+        match count {
+            Some(count) => {
+                self.spread = self.create_many("bench-spread", size, count).await?;
+                Ok(self.spread.clone())
+            }
+            None => self.sessions(size).await,
+        }
+    }
+
     async fn sessions(&mut self, size: usize) -> Result<Vec<Session>, BenchError> {
         if let Some(s) = self.sessions.get(&size) {
             return Ok(s.clone());
@@ -846,15 +868,9 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         false,
     )
     .await?;
-    let sessions = match opts.sessions {
-        Some(count) => {
-            bench.spread = bench
-                .create_many("bench-spread", opts.group_size, count)
-                .await?;
-            bench.spread.clone()
-        }
-        None => bench.sessions(opts.group_size).await?,
-    };
+    let sessions = bench
+        .throughput_sessions(opts.group_size, opts.sessions)
+        .await?;
     let mut modes = BTreeMap::new();
     for &mode in &opts.modes {
         let events = round_robin(
@@ -987,9 +1003,11 @@ async fn compare_tls(opts: &BenchOptions, users: usize) -> Result<TlsResult, Ben
             false,
         )
     };
-    let (plain, mtls) = side_by_side(opts, start(None).await?, start(Some(&pki)).await?).await?;
+    let (plain, mtls, sessions) =
+        side_by_side(opts, start(None).await?, start(Some(&pki)).await?).await?;
     let mtls_vs_plain = round(mtls.deliveries_per_sec / plain.deliveries_per_sec, 2);
     Ok(TlsResult {
+        sessions,
         plain,
         mtls,
         mtls_vs_plain,
@@ -1009,9 +1027,11 @@ async fn compare_cluster(opts: &BenchOptions, users: usize) -> Result<ClusterRes
             cluster,
         )
     };
-    let (single, cluster) = side_by_side(opts, start(false).await?, start(true).await?).await?;
+    let (single, cluster, sessions) =
+        side_by_side(opts, start(false).await?, start(true).await?).await?;
     let cluster_vs_single = round(cluster.deliveries_per_sec / single.deliveries_per_sec, 2);
     Ok(ClusterResult {
+        sessions,
         single,
         cluster,
         cluster_vs_single,
@@ -1021,13 +1041,18 @@ async fn compare_cluster(opts: &BenchOptions, users: usize) -> Result<ClusterRes
 /// The batch mode on stacks `a` and `b`, same workload, in the order a, b,
 /// b, a, so a drift over the run (the machine warming, a neighbour's load)
 /// weighs on both alike; each side reports the faster of its two runs.
+/// Also returns how many sessions the events went round robin over.
 async fn side_by_side(
     opts: &BenchOptions,
     mut a: Bench,
     mut b: Bench,
-) -> Result<(ModeResult, ModeResult), BenchError> {
-    let a_sessions = a.sessions(opts.group_size).await?;
-    let b_sessions = b.sessions(opts.group_size).await?;
+) -> Result<(ModeResult, ModeResult, usize), BenchError> {
+    let a_sessions = a
+        .throughput_sessions(opts.group_size, opts.sessions)
+        .await?;
+    let b_sessions = b
+        .throughput_sessions(opts.group_size, opts.sessions)
+        .await?;
     let events = events_for(Mode::Batch, opts.deliveries, opts.group_size);
     let (a_events, b_events) = (
         round_robin(&a_sessions, events),
@@ -1047,7 +1072,11 @@ async fn side_by_side(
             y
         }
     };
-    Ok((faster(a_first, a_second), faster(b_first, b_second)))
+    Ok((
+        faster(a_first, a_second),
+        faster(b_first, b_second),
+        a_sessions.len(),
+    ))
 }
 
 /// Starts a mode, warms it up on `sessions`, measures `events` at
