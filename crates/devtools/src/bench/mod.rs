@@ -98,11 +98,10 @@ pub struct BenchOptions {
     /// makes a tenth of it (it is that much slower).
     pub deliveries: u64,
     /// Sessions the throughput run (and the TLS and cluster comparisons)
-    /// spreads its events over; `None`: as
-    /// many as the users make up, 8 to 256. Many more sessions than a pod
-    /// keeps warm (each seen again only after `dispatch.member_cache_ttl`)
-    /// measure traffic spread over many conversations, whose members are
-    /// read from SQL.
+    /// spreads its events over; `None`: as many as the users make up, 8 to
+    /// 256. Many more sessions than a pod keeps warm (each seen again only
+    /// after `dispatch.member_cache_ttl`) measure traffic spread over many
+    /// conversations, whose members are read from SQL.
     pub sessions: Option<usize>,
     /// Members per session in the latency run.
     pub latency_group_size: usize,
@@ -537,8 +536,6 @@ impl Bench {
         })
     }
 
-    /// Creates the sessions of `size` members (once): as many as the users
-    /// make up, at least `SESSIONS_PER_SIZE`, at most `MAX_SESSIONS_PER_SIZE`.
     /// The sessions a throughput run of `size`-member groups goes round
     /// robin over: `count` of their own when given (`--sessions`), else
     /// the shared ones of that size.
@@ -556,6 +553,8 @@ impl Bench {
         }
     }
 
+    /// Creates the sessions of `size` members (once): as many as the users
+    /// make up, at least `SESSIONS_PER_SIZE`, at most `MAX_SESSIONS_PER_SIZE`.
     async fn sessions(&mut self, size: usize) -> Result<Vec<Session>, BenchError> {
         if let Some(s) = self.sessions.get(&size) {
             return Ok(s.clone());
